@@ -1,0 +1,29 @@
+"""Helpers shared by the experiment entry points: config files and result tables."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as `python experiments/x.py` from anywhere
+    sys.path.insert(0, ROOT)
+
+
+def config_module(flag_name: str = "config"):
+    """The module of the config file given to a config_flags flag, and its ':arg'."""
+    path, _, arg = config_flags.get_config_filename(flags.FLAGS[flag_name]).partition(":")
+    spec = importlib.util.spec_from_file_location("_fdrl_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, arg
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="fdrl",
+    version="0.1.0",
+    description="Aligning language models by f-divergence minimisation (f-DPG, GDC, RLHF, f-PPO) in JAX.",
+    packages=find_packages(include=["fdrl", "fdrl.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax",
+        "flax",
+        "optax",
+        "orbax-checkpoint",
+        "ml_collections",
+        "tensorflow-datasets",
+        "numpy",
+        "absl-py",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest", "hypothesis", "nbclient", "nbformat", "ipykernel"],
+    },
+)
