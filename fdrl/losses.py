@@ -15,6 +15,7 @@ not depend on the sample. sg is stop_gradient; s are optional sample weights
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import jax
@@ -25,8 +26,9 @@ from fdrl.estimators import weighted_mean
 
 Array = jax.Array
 
-#: |u| is clipped here before f' is applied: e^30 ≈ 1e13 keeps products of
-#: pseudo-rewards, importance weights and log-probs far from float32 overflow.
+#: |u| is clipped here before f' is applied, and |R| at e^30 ≈ 1e13 after: that
+#: keeps products of pseudo-rewards, importance weights and log-probs far from
+#: float32 overflow.
 DEFAULT_MAX_ABS_U = 30.0
 #: log importance weights log(π/q) are clipped above here.
 DEFAULT_MAX_LOG_WEIGHT = 30.0
@@ -78,9 +80,11 @@ def fdpg_loss(
       sample_weight: [B] non-negative weights of a weighted mean over the
         batch (0 masks a padded row). Default: uniform, the sequence mean.
       alpha: α when f is "alpha".
-      max_abs_u: u is clipped to [−max_abs_u, max_abs_u] before f'. On
-        u = ±inf (e.g. log P = −inf) this is what keeps the loss finite for
-        f with unbounded f' (rkl, χ²); it never binds on ordinary batches.
+      max_abs_u: u is clipped to [−max_abs_u, max_abs_u] before f', and the
+        pseudo-reward to |R| ≤ exp(max_abs_u) after (f' of χ²-Neyman or α < 0
+        grows faster than e^|u|). On u = ±inf (e.g. log P = −inf) this keeps
+        the loss finite for f with unbounded f' (rkl, χ²); it does not bind
+        on ordinary batches.
       max_log_weight: log(π/q) is clipped above at this value.
 
     Returns:
@@ -102,8 +106,8 @@ def fdpg_loss(
         if ref_logp is not None or reward is not None:
             raise ValueError("give log_P or (ref_logp, reward), not both")
         log_P = _as_batch("log_P", log_P, shape)
-    if max_abs_u <= 0:
-        raise ValueError(f"max_abs_u must be > 0, got {max_abs_u}")
+    if not 0 < max_abs_u <= 40:  # e^40 · e^40 · |log π| stays below float32's max
+        raise ValueError(f"max_abs_u must be in (0, 40], got {max_abs_u}")
 
     behaviour_logp = jax.lax.stop_gradient(policy_logp)
     if proposal_logp is None:
@@ -130,7 +134,8 @@ def fdpg_loss(
     # u = log π − log p; p = 0 means π/p = +inf whatever π is.
     u = jnp.where(log_p == -jnp.inf, jnp.inf, behaviour_logp - log_p)
     u = jnp.clip(u, -max_abs_u, max_abs_u)
-    pseudo_reward = div.pseudo_reward(u)
+    max_reward = math.exp(max_abs_u)
+    pseudo_reward = jnp.clip(div.pseudo_reward(u), -max_reward, max_reward)
 
     weights = sample_weight * importance_weight
     if baseline is None:

@@ -105,9 +105,10 @@ def fit_lambda(
         raise ValueError(f"features must be [N, K] and mu_bar [K]; got {features.shape} and {mu_bar.shape}")
     lo, hi = jnp.min(features, axis=0), jnp.max(features, axis=0)
     if bool(jnp.any((mu_bar <= lo) | (mu_bar >= hi))):
+        fmt = lambda v: "[" + ", ".join(f"{x:.4g}" for x in v.tolist()) + "]"
         raise ValueError(
-            f"mu_bar={mu_bar.tolist()} must lie strictly between the min {lo.tolist()} and max "
-            f"{hi.tolist()} of the features, or no finite λ reaches it"
+            f"mu_bar={fmt(mu_bar)} must lie strictly between the min {fmt(lo)} and max {fmt(hi)} "
+            "of the features, or no finite λ reaches it"
         )
     if log_weights is None:
         log_weights = jnp.zeros(features.shape[:1], jnp.float32)
