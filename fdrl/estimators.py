@@ -42,35 +42,50 @@ class LogZState(NamedTuple):
     count: Array  # [] float32 (exact up to 2^24 samples)
 
 
-def log_z_init() -> LogZState:
-    return LogZState(log_sum=jnp.array(-jnp.inf, jnp.float32), count=jnp.array(0.0, jnp.float32))
+def log_z_init(num_contexts: int | None = None) -> LogZState:
+    """One running Z, or one Z_c per context (conditional targets, CDPG)."""
+    shape = () if num_contexts is None else (num_contexts,)
+    return LogZState(log_sum=jnp.full(shape, -jnp.inf, jnp.float32), count=jnp.zeros(shape, jnp.float32))
 
 
-def log_z_update(state: LogZState, log_P: Array, proposal_logp: Array) -> LogZState:
+def log_z_update(state: LogZState, log_P: Array, proposal_logp: Array, context_ids: Array | None = None) -> LogZState:
     """Adds a batch of importance weights P(x)/q(x) for x ~ q.
 
     Args:
-      state: running sums.
+      state: running sums ([] or [K] per context).
       log_P: [B] unnormalised target log-scores (−inf allowed).
       proposal_logp: [B] log q(x) of the proposal that drew the samples.
+      context_ids: [B] int context of each sample, for a per-context state.
     """
     log_P = jnp.asarray(log_P, jnp.float32)
     proposal_logp = jnp.asarray(proposal_logp, jnp.float32)
     if log_P.ndim != 1 or log_P.shape != proposal_logp.shape:
         raise ValueError(f"log_P and proposal_logp must both be [B]; got {log_P.shape} and {proposal_logp.shape}")
     log_w = jnp.where(log_P == -jnp.inf, -jnp.inf, log_P - proposal_logp)
-    batch_log_sum = jax.nn.logsumexp(log_w)
-    return LogZState(
-        log_sum=jnp.logaddexp(state.log_sum, batch_log_sum),
-        count=state.count + log_P.shape[0],
-    )
+    if state.log_sum.ndim == 0:
+        if context_ids is not None:
+            raise ValueError("context_ids given but the log Z state is not per-context (log_z_init(num_contexts))")
+        return LogZState(log_sum=jnp.logaddexp(state.log_sum, jax.nn.logsumexp(log_w)),
+                         count=state.count + log_P.shape[0])
+    if context_ids is None or context_ids.shape != log_P.shape:
+        raise ValueError(f"a per-context log Z state needs context_ids of shape {log_P.shape}")
+    k = state.log_sum.shape[0]
+    # Segment logsumexp: shift each context by its max so that exp cannot overflow.
+    top = jax.ops.segment_max(log_w, context_ids, num_segments=k)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    total = jax.ops.segment_sum(jnp.exp(log_w - top[context_ids]), context_ids, num_segments=k)
+    batch_log_sum = jnp.where(total > 0, jnp.log(jnp.where(total > 0, total, 1.0)) + top, -jnp.inf)
+    counts = jax.ops.segment_sum(jnp.ones_like(log_w), context_ids, num_segments=k)
+    return LogZState(log_sum=jnp.logaddexp(state.log_sum, batch_log_sum), count=state.count + counts)
 
 
-def log_z_value(state: LogZState) -> Array:
+def log_z_value(state: LogZState, context_ids: Array | None = None) -> Array:
     """log Ẑ = log(mean of P/q). −inf while every sample so far had P = 0
-    (then the exact estimate is Ẑ = 0); 0 before any sample."""
+    (then the exact estimate is Ẑ = 0); 0 before any sample. For a per-context
+    state, [K], or [B] gathered at `context_ids`."""
     seen = state.count > 0
-    return jnp.where(seen, state.log_sum - jnp.log(jnp.where(seen, state.count, 1.0)), 0.0)
+    value = jnp.where(seen, state.log_sum - jnp.log(jnp.where(seen, state.count, 1.0)), 0.0)
+    return value if context_ids is None or value.ndim == 0 else value[context_ids]
 
 
 class BaselineState(NamedTuple):

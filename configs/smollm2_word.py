@@ -1,0 +1,22 @@
+r"""SmolLM2-135M-Instruct, pointwise constraint (GDC): the reply mentions a chosen word.
+
+  python experiments/train.py --config=configs/smollm2_word.py --config.f=fkl
+  python experiments/train.py --config=configs/smollm2_word.py --config.target.words="('happy','glad')"
+  python experiments/train.py --config=configs/smollm2_word.py:smoke     # tiny random model, 4 steps
+
+Target p(x|c) ∝ a(x|c)·b(x), b(x) = 1[x contains the word]. For f = rkl the hard
+constraint needs a floor: --config.target.log_b_floor=-10 (b = 0 → ε = e^-10).
+"""
+
+from configs import lm_common
+
+
+def get_config(arg: str = ""):
+    c = lm_common.base_config()
+    c.target.kind = "pointwise"
+    c.target.scorer = "word"
+    c.target.words = ("happy",)
+    c.f = "js"
+    c.learning_rate = 1e-5
+    c.workdir = "experiments/results/lm_word"
+    return lm_common.apply_variant(c, arg, "smollm2_word")

@@ -1,0 +1,369 @@
+"""f-DPG on a language model: the train state, the jitted update, and the loop.
+
+Per step: draw contexts, sample completions from the proposal with the KV-cache
+sampler, decode and score them on the host, then one jitted update that scores
+the reference (teacher forcing), updates log Z (per context for conditional
+targets) and the baseline, and applies `fdpg_loss` through optax. The sampler's
+log-probs are reused as the proposal's: the proposal is never re-scored.
+
+Off-policy (`config.proposal = "offpolicy"`): samples come from a frozen copy q,
+importance-weighted by π/q; q is replaced by π when π is estimated closer to p
+(KL(p‖·) by self-normalised IS on the batch), the DPG rule.
+
+Everything that resuming needs is in `LMTrainState` (params, optimiser, q,
+log Z, baseline, PRNG key, step) and is saved with orbax; prompt choice and
+sampling draw from the state's key, so `--config.resume` continues exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from fdrl import data, divergences, estimators, metrics, scorers
+from fdrl.losses import fdpg_loss
+from fdrl.models import gguf_loader, llama, tokenizer as tokenizer_lib
+from fdrl.sampling import Sampler
+
+Array = jax.Array
+PROPOSALS = ("policy", "offpolicy")
+
+
+class LMTrainState(NamedTuple):
+    params: nnx.State
+    opt_state: optax.OptState
+    proposal_params: Optional[nnx.State]  # None when on-policy
+    log_z: estimators.LogZState
+    baseline: estimators.BaselineState
+    key: Array
+    step: Array
+
+
+class Task(NamedTuple):
+    """What the config describes, built once: model, tokenizer, prompts, target."""
+
+    graphdef: object
+    ref_params: nnx.State
+    model_config: llama.LlamaConfig
+    tokenizer: tokenizer_lib.Tokenizer
+    prompts: list
+    prompt_tokens: np.ndarray  # [K, P] left-padded
+    prompt_valid: np.ndarray  # [K, P]
+    target: scorers.TextTarget
+    sampler: Sampler
+
+
+# --- building -------------------------------------------------------------------
+
+def build_model(config):
+    """(model, tokenizer) for config.model: "smollm2" (GGUF) or "tiny" (random, SmolLM2's tokenizer)."""
+    if config.model == "smollm2":
+        return gguf_loader.load_gguf(config.get("gguf_path") or None, param_dtype=config.param_dtype,
+                                     compute_dtype=config.compute_dtype)
+    if config.model == "tiny":
+        tok = gguf_loader.load_tokenizer(config.get("gguf_path") or None)
+        model_config = llama.LlamaConfig.tiny(vocab_size=tok.vocab_size, param_dtype=config.param_dtype,
+                                              compute_dtype=config.compute_dtype)
+        return llama.Llama(model_config, rngs=nnx.Rngs(config.model_seed)), tok
+    raise ValueError(f"unknown model={config.model!r}; choose 'smollm2' or 'tiny'")
+
+
+def build_target(config) -> scorers.TextTarget:
+    t = config.target
+    scorer = scorers.make_scorer(t.scorer, **{k: t[k] for k in ("words", "pattern", "unit") if k in t})
+    if t.kind == "pointwise":
+        return scorers.TextTarget([scorers.PointwiseTerm(scorer, log_floor=t.log_b_floor)])
+    if t.kind == "rlhf":
+        return scorers.TextTarget([scorers.RewardTerm(scorer, beta=t.beta)])
+    if t.kind == "distributional":
+        return scorers.TextTarget([scorers.DistributionalTerm([scorer], mu_bar=tuple(t.mu_bar))])
+    raise ValueError(f"unknown target.kind={t.kind!r}; choose pointwise, rlhf or distributional")
+
+
+def validate(config) -> None:
+    divergences.get_divergence(config.f, alpha=config.get("alpha"))
+    if config.proposal not in PROPOSALS:
+        raise ValueError(f"unknown proposal={config.proposal!r}; choose one of {PROPOSALS}")
+    if config.baseline not in estimators.BASELINES:
+        raise ValueError(f"unknown baseline={config.baseline!r}; choose one of {estimators.BASELINES}")
+    if config.batch_size < 2:
+        raise ValueError(f"batch_size must be >= 2, got {config.batch_size}")
+    if not config.learning_rate > 0:
+        raise ValueError(f"learning_rate must be > 0, got {config.learning_rate}")
+
+
+def build_task(config) -> Task:
+    validate(config)
+    model, tok = build_model(config)
+    graphdef, ref_params = nnx.split(model)
+    prompts = data.load_prompts(config.prompts, limit=config.get("num_prompts") or None)
+    system = config.get("system_prompt") or None
+    texts = [tokenizer_lib.chat_prompt(p, system=system) if config.chat_template else p for p in prompts]
+    sampler = Sampler(graphdef, model.config, max_new_tokens=config.max_new_tokens, eos_id=tok.eos_id,
+                      pad_id=tok.pad_id, top_k=config.top_k)
+    prompt_tokens, prompt_valid = sampler.pad(tok.encode_batch(texts))
+    return Task(graphdef, ref_params, model.config, tok, prompts, prompt_tokens, prompt_valid,
+                build_target(config), sampler)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    parts = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip > 0 else []
+    return optax.chain(*parts, optax.adam(config.learning_rate))
+
+
+def init_state(config, task: Task, optimizer) -> LMTrainState:
+    params = task.ref_params
+    # The policy gets its own buffers: the update donates them, the reference stays.
+    params = jax.tree.map(jnp.copy, params)
+    return LMTrainState(
+        params=params,
+        opt_state=optimizer.init(params),
+        proposal_params=jax.tree.map(jnp.copy, params) if config.proposal == "offpolicy" else None,
+        log_z=estimators.log_z_init(len(task.prompts) if config.conditional else None),
+        baseline=estimators.baseline_init(config.baseline_window),
+        key=jax.random.PRNGKey(config.seed),
+        step=jnp.array(0, jnp.int32),
+    )
+
+
+# --- the step ---------------------------------------------------------------------
+
+def _is_pure_sampling(config) -> bool:
+    return config.temperature == 1.0 and config.top_k == 0 and config.top_p == 1.0
+
+
+def update(config, graphdef, optimizer, ref_params, state: LMTrainState, prompt, prompt_valid, completion, mask,
+           sampler_logp, log_potential, context_ids):
+    """The jitted part of a step. Returns (state, scalars)."""
+    div = divergences.get_divergence(config.f, alpha=config.get("alpha"))
+    ref_tok, _ = llama.continuation_logp(graphdef, ref_params, prompt, prompt_valid, completion, mask)
+    ref_logp = jnp.sum(ref_tok, axis=1)
+    log_P = ref_logp + log_potential
+    proposal_logp = jnp.sum(sampler_logp, axis=1)
+    ctx = context_ids if config.conditional else None
+    log_z = estimators.log_z_update(state.log_z, log_P, proposal_logp, ctx)
+    log_Z = estimators.log_z_value(log_z, ctx)
+    # Importance weights are needed whenever the sampling distribution is not π itself.
+    weighted = config.proposal == "offpolicy" or not _is_pure_sampling(config)
+    baseline_fn = functools.partial(estimators.compute_baseline, config.baseline, state.baseline)
+
+    def loss_fn(params):
+        tok_logp, _ = llama.continuation_logp(graphdef, params, prompt, prompt_valid, completion, mask)
+        policy_logp = jnp.sum(tok_logp, axis=1)
+        loss, diag = fdpg_loss(div, policy_logp, log_P=log_P, proposal_logp=proposal_logp if weighted else None,
+                               log_Z=log_Z, baseline=baseline_fn, max_abs_u=config.max_abs_u)
+        return loss, (diag, policy_logp)
+
+    (loss, (diag, policy_logp)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    proposal_params, swapped = state.proposal_params, jnp.array(False)
+    if config.proposal == "offpolicy":
+        # DPG: q ← π when KL(p‖π) < KL(p‖q), both by SNIS over the batch drawn from q.
+        snis = jax.nn.softmax(jnp.where(log_P == -jnp.inf, -jnp.inf, log_P - proposal_logp))
+        kl_p_pi = -jnp.sum(jnp.where(snis > 0, snis * policy_logp, 0.0))  # up to the same constant
+        kl_p_q = -jnp.sum(jnp.where(snis > 0, snis * proposal_logp, 0.0))
+        swapped = kl_p_pi < kl_p_q
+        proposal_params = jax.tree.map(lambda new, old: jnp.where(swapped, new, old), params, state.proposal_params)
+
+    batch_mean = estimators.weighted_mean(diag["pseudo_reward"], diag["importance_weight"])
+    state = LMTrainState(params=params, opt_state=opt_state, proposal_params=proposal_params, log_z=log_z,
+                         baseline=estimators.baseline_update(state.baseline, batch_mean, config.baseline_decay),
+                         key=state.key, step=state.step + 1)
+    scalars = dict(loss=loss, log_Z=jnp.mean(log_Z), pseudo_reward=jnp.mean(diag["pseudo_reward"]),
+                   importance_weight_max=jnp.max(diag["importance_weight"]), proposal_swapped=swapped,
+                   kl_pi_a_batch=jnp.mean(policy_logp - ref_logp), completion_tokens=jnp.mean(jnp.sum(mask, 1)))
+    return state, scalars
+
+
+class Trainer:
+    """Holds the built task and the jitted update; `step` and `evaluate` are the loop's parts."""
+
+    def __init__(self, config, task: Optional[Task] = None):
+        self.config = config
+        self.task = task or build_task(config)
+        self.optimizer = make_optimizer(config)
+        self._update = jax.jit(functools.partial(update, config, self.task.graphdef, self.optimizer),
+                               donate_argnums=(1,))
+        self._ref_logp = jax.jit(lambda params, *a: jnp.sum(
+            llama.continuation_logp(self.task.graphdef, params, *a)[0], axis=1))
+
+    def init_state(self) -> LMTrainState:
+        return init_state(self.config, self.task, self.optimizer)
+
+    def fit_target(self, key: Array) -> Optional[dict]:
+        """Fits λ of distributional terms on samples from the base model a."""
+        if not self.task.target.needs_fit:
+            return None
+        texts = []
+        for i in range(self.config.target.fit_batches):
+            _, _, out, _ = self.sample(self.task.ref_params, jax.random.fold_in(key, i), self.config.eval_batch_size)
+            texts += self.decode(out)
+        fit = [t.fit(texts) for t in self.task.target.terms if isinstance(t, scorers.DistributionalTerm)][0]
+        return dict(lam=np.asarray(fit.lam).tolist(), moments=np.asarray(fit.moments).tolist(), num_samples=len(texts))
+
+    def sample(self, params, key, batch_size, temperature=None, top_p=None):
+        k_ctx, k_sample = jax.random.split(key)
+        ctx = jax.random.randint(k_ctx, (batch_size,), 0, len(self.task.prompts))
+        prompt = jnp.asarray(self.task.prompt_tokens)[ctx]
+        valid = jnp.asarray(self.task.prompt_valid)[ctx]
+        out = self.task.sampler(params, prompt, valid, k_sample,
+                                temperature=self.config.temperature if temperature is None else temperature,
+                                top_p=self.config.top_p if top_p is None else top_p)
+        return prompt, valid, out, ctx
+
+    def decode(self, out) -> list[str]:
+        return self.task.tokenizer.decode_batch(out.tokens, out.mask)
+
+    def step(self, state: LMTrainState):
+        key, step_key = jax.random.split(state.key)
+        state = state._replace(key=key)
+        sampler_params = state.params if state.proposal_params is None else state.proposal_params
+        prompt, valid, out, ctx = self.sample(sampler_params, step_key, self.config.batch_size)
+        log_potential = jnp.asarray(self.task.target.log_potential(self.decode(out)))
+        return self._update(self.task.ref_params, state, prompt, valid, out.tokens, out.mask, out.logp,
+                            log_potential, ctx)
+
+    def evaluate(self, state: LMTrainState, key: Array) -> tuple[dict, list[str], list[str]]:
+        """Metrics from fresh pure samples of π (temperature 1): estimates named in fdrl.metrics."""
+        prompt, valid, out, ctx = self.sample(state.params, key, self.config.eval_batch_size, temperature=1.0,
+                                              top_p=1.0)
+        texts = self.decode(out)
+        if self.config.top_k:  # the sampler's log-probs are of the truncated distribution: re-score π
+            policy_logp = self._ref_logp(state.params, prompt, valid, out.tokens, out.mask)
+        else:
+            policy_logp = jnp.sum(out.logp, axis=1)
+        ref_logp = self._ref_logp(self.task.ref_params, prompt, valid, out.tokens, out.mask)
+        log_P = ref_logp + jnp.asarray(self.task.target.log_potential(texts))
+        log_Z = estimators.log_z_value(state.log_z, ctx if self.config.conditional else None)
+        result = {k: float(v) for k, v in metrics.divergence_estimates(policy_logp, log_P, log_Z, ref_logp).items()}
+        result["alignment"] = float(np.mean(self.task.target.score(texts)))
+        result["log_Z"] = float(jnp.mean(log_Z))
+        result.update(metrics.diversity(texts))
+        prompts = [self.task.prompts[int(i)] for i in ctx]
+        return result, prompts, texts
+
+
+# --- the loop ---------------------------------------------------------------------
+
+def _checkpoint_manager(workdir: str):
+    import orbax.checkpoint as ocp
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                                 options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+
+
+def save_checkpoint(manager, state: LMTrainState) -> None:
+    import orbax.checkpoint as ocp
+    manager.save(int(state.step), args=ocp.args.StandardSave(state))
+    manager.wait_until_finished()
+
+
+def restore_checkpoint(manager, abstract_state: LMTrainState, step: Optional[int] = None) -> LMTrainState:
+    import orbax.checkpoint as ocp
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint to resume from in {manager.directory}")
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+
+class _Writers:
+    """metrics.jsonl and TensorBoard event files in the workdir."""
+
+    def __init__(self, workdir: str):
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        try:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        except ImportError:  # TensorBoard is optional; JSONL always works
+            self._tb = None
+
+    def write(self, step: int, kind: str, values: dict, samples: Optional[list] = None):
+        record = dict(step=step, kind=kind, **values)
+        if samples is not None:
+            record["samples"] = samples
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(f"{kind}/{k}", v, step)
+            if samples:
+                self._tb.add_text(f"{kind}/samples", "\n\n".join(samples[:4]), step)
+
+    def close(self):
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def train_and_evaluate(config, task: Optional[Task] = None, log=print) -> dict:
+    """Runs (or resumes) training; returns {"history": [...eval dicts], "state": final state, ...}."""
+    from tqdm import tqdm
+
+    trainer = Trainer(config, task)
+    workdir = config.workdir
+    os.makedirs(workdir, exist_ok=True)
+    manager = _checkpoint_manager(workdir)
+    target_file = os.path.join(workdir, "target.json")
+
+    state = trainer.init_state()
+    if config.resume and manager.latest_step() is not None:
+        state = restore_checkpoint(manager, jax.tree.map(lambda x: x, state))
+        if os.path.exists(target_file):
+            lam = json.load(open(target_file)).get("lam")
+            if lam is not None:
+                for t in trainer.task.target.terms:
+                    if isinstance(t, scorers.DistributionalTerm):
+                        t.lam = np.asarray(lam, np.float32)
+        log(f"resumed from step {int(state.step)} in {workdir}")
+    else:
+        fit = trainer.fit_target(jax.random.PRNGKey(config.seed + 1))
+        if fit is not None:
+            log(f"fitted λ={fit['lam']} on {fit['num_samples']} base samples (moments {fit['moments']})")
+            json.dump(fit, open(target_file, "w"))
+
+    writers = _Writers(workdir)
+    eval_key = jax.random.PRNGKey(config.seed + 2)
+    history, last_samples = [], []
+
+    def run_eval():
+        values, prompts, texts = trainer.evaluate(state, jax.random.fold_in(eval_key, int(state.step)))
+        samples = [f"[{p}] → {t}" for p, t in zip(prompts, texts)][:config.num_logged_samples]
+        writers.write(int(state.step), "eval", values, samples)
+        history.append(dict(step=int(state.step), **values))
+        last_samples[:] = samples
+        return values, samples
+
+    if int(state.step) == 0:
+        values, samples = run_eval()
+        log("samples before training:\n  " + "\n  ".join(samples))
+    start = time.time()
+    with tqdm(total=config.steps, initial=int(state.step), disable=not config.progress_bar, desc="f-DPG") as bar:
+        while int(state.step) < config.steps:
+            state, scalars = trainer.step(state)
+            scalars = {k: float(v) for k, v in scalars.items()}  # blocks on the step: no runaway dispatch
+            for k, v in scalars.items():
+                # log Ẑ = −inf is exact while no sample has met a hard constraint.
+                if not np.isfinite(v) and not (k == "log_Z" and v == -np.inf):
+                    raise FloatingPointError(f"{k} became {v} at step {int(state.step)}")
+            step = int(state.step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{scalars['loss']:.3g}", logZ=f"{scalars['log_Z']:.3g}")
+            if step % config.log_every == 0:
+                writers.write(step, "train", scalars)
+            if step % config.eval_every == 0 or step == config.steps:
+                run_eval()
+            if config.checkpoint_every and (step % config.checkpoint_every == 0 or step == config.steps):
+                save_checkpoint(manager, state)
+    writers.close()
+    return dict(history=history, state=state, seconds=time.time() - start, samples=last_samples, trainer=trainer)
