@@ -63,8 +63,15 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def apply_variant(c: ml_collections.ConfigDict, arg: str, name: str) -> ml_collections.ConfigDict:
-    """'' = as is; 'smoke' = the tiny random model for a few steps (tests, CI)."""
-    if arg == "smoke":
+    """'' = as is; 'demo' = a ~10-minute CPU run; 'smoke' = the tiny random model for a few steps (tests)."""
+    if arg == "demo":
+        c.steps = 30
+        c.eval_every = 10
+        c.eval_batch_size = 32
+        c.learning_rate = 3e-5
+        c.checkpoint_every = 0
+        c.num_logged_samples = 3
+    elif arg == "smoke":
         c.model = "tiny"
         c.steps = 4
         c.batch_size = 4
@@ -78,5 +85,5 @@ def apply_variant(c: ml_collections.ConfigDict, arg: str, name: str) -> ml_colle
         c.progress_bar = False
         c.workdir = f"/tmp/fdrl_smoke_{name}"
     elif arg:
-        raise ValueError(f"unknown configs/{name}.py variant {arg!r}; use '' or 'smoke'")
+        raise ValueError(f"unknown configs/{name}.py variant {arg!r}; use '', 'demo' or 'smoke'")
     return c

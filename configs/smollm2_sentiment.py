@@ -2,6 +2,7 @@ r"""SmolLM2-135M-Instruct, RLHF target a·exp(r/β) with r = VADER compound sent
 
   python experiments/train.py --config=configs/smollm2_sentiment.py --config.f=rkl   # = KL-regularised RLHF
   python experiments/train.py --config=configs/smollm2_sentiment.py --config.target.beta=0.05
+  python experiments/train.py --config=configs/smollm2_sentiment.py:demo --config.f=js   # make demo (~10 min CPU)
   python experiments/train.py --config=configs/smollm2_sentiment.py:smoke
 """
 

@@ -22,8 +22,10 @@ def main(argv):
     del argv
     config = _CONFIG.value
     task = config.get("task", "toy")
+    if task == "lm":
+        return lm_main(config)
     if task != "toy":
-        raise ValueError(f"unknown task={task!r}")
+        raise ValueError(f"unknown task={task!r}; configs set task='toy' or 'lm'")
     history = toy_train.run_seeds(config)
     summary = toy_train.summarise(history)
     title = f"toy target={config.target} family={config.family} f={config.f}"
@@ -40,6 +42,43 @@ def main(argv):
     with open(path, "w") as f:
         json.dump({"config": config.to_dict(), "history": {k: v.tolist() for k, v in history.items()}}, f)
     print(f"wrote {path}")
+
+
+LM_TABLE = ("alignment", "kl_p_pi", "kl_pi_p", "js", "tv", "kl_pi_a", "distinct_2", "self_bleu")
+
+
+def lm_main(config):
+    """f-DPG on SmolLM2 (or the tiny model): samples before/after, metric table, plot."""
+    from fdrl import train
+
+    out = train.train_and_evaluate(config)
+    history = out["history"]
+    print("samples after training:\n  " + "\n  ".join(out["samples"]))
+    first, last = history[0], history[-1]
+    print(f"\nf={config.f}, target={config.target.kind}, {int(out['state'].step)} steps × batch {config.batch_size} "
+          f"in {out['seconds']:.0f}s; estimates from {config.eval_batch_size} fresh samples of π")
+    print(common.markdown_table(["metric", f"step {first['step']}", f"step {last['step']}"],
+                                [[k, f"{first[k]:.4f}", f"{last[k]:.4f}"] for k in LM_TABLE]))
+    path = os.path.join(config.workdir, "metrics.png")
+    _plot_lm(history, path)
+    print(f"wrote {path} and {os.path.join(config.workdir, 'metrics.jsonl')}")
+
+
+def _plot_lm(history, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ("alignment", "kl_p_pi", "kl_pi_p", "kl_pi_a")
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
+    steps = [h["step"] for h in history]
+    for ax, k in zip(axes, keys):
+        ax.plot(steps, [h[k] for h in history], marker="o")
+        ax.set_title(k)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

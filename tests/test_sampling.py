@@ -1,0 +1,97 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fdrl import sampling
+from fdrl.models import llama
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = llama.LlamaConfig.tiny()
+    graphdef, params = nnx.split(llama.Llama(config, rngs=nnx.Rngs(0)))
+    return config, graphdef, params
+
+
+def make_sampler(model, **kw):
+    config, graphdef, _ = model
+    kw = dict(dict(max_new_tokens=10, eos_id=3, pad_id=0), **kw)
+    return sampling.Sampler(graphdef, config, buckets=(8, 16), **kw)
+
+
+def test_pad_prompts_left_pads_to_bucket():
+    tokens, valid = sampling.pad_prompts([[5, 6], [7, 8, 9]], pad_id=0, buckets=(4, 8))
+    np.testing.assert_array_equal(tokens, [[0, 0, 5, 6], [0, 7, 8, 9]])
+    np.testing.assert_array_equal(valid, [[0, 0, 1, 1], [0, 1, 1, 1]])
+    with pytest.raises(ValueError, match="longer than the largest bucket 8"):
+        sampling.pad_prompts([list(range(9))], 0, (4, 8))
+
+
+def test_sampler_logp_equals_teacher_forced_logp(model):
+    _, graphdef, params = model
+    sampler = make_sampler(model)
+    prompt, valid = sampler.pad([[5, 6, 7], [8, 9, 10, 11, 12]])
+    out = sampler(params, prompt, valid, jax.random.PRNGKey(0))
+    forced, _ = llama.continuation_logp(graphdef, params, jnp.asarray(prompt), jnp.asarray(valid), out.tokens, out.mask)
+    np.testing.assert_allclose(out.logp, forced, atol=1e-4)
+
+
+def test_eos_stops_each_sequence_and_masks_after(model):
+    config, graphdef, params = model
+    # Make EOS likely: bias the output embedding row of token 3 up.
+    params = jax.tree.map(lambda x: x, params)
+    embed = params["embed"][...]
+    params["embed"].value = embed.at[3].set(embed[3] + 0.5 * jnp.sign(embed.mean(0)))
+    sampler = make_sampler(model, max_new_tokens=30)
+    prompt, valid = sampler.pad([[5, 6]] * 8)
+    out = sampler(params, prompt, valid, jax.random.PRNGKey(1))
+    tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+    stopped = 0
+    for row, m in zip(tokens, mask):
+        n = int(m.sum())
+        assert m[:n].all() and not m[n:].any()  # a prefix of real tokens
+        assert (row[:n - 1] != 3).all()  # no EOS before the last real token
+        if n < 30:
+            assert row[n - 1] == 3 and (row[n:] == 0).all()
+            stopped += 1
+    assert stopped > 0
+    assert float(jnp.abs(out.logp * ~out.mask).max()) == 0.0
+
+
+def test_no_recompile_for_new_prompt_in_same_bucket_or_new_temperature(model):
+    _, _, params = model
+    sampler = make_sampler(model)
+    for prompts, temp, top_p in [([[5, 6, 7]], 1.0, 1.0), ([[9, 1]], 0.7, 0.9), ([[4, 4, 4, 4, 4]], 1.3, 0.5)]:
+        prompt, valid = sampler.pad(prompts)
+        sampler(params, prompt, valid, jax.random.PRNGKey(0), temperature=temp, top_p=top_p).tokens.block_until_ready()
+    assert sampler.trace_count == 1
+    prompt, valid = sampler.pad([list(range(1, 12))])  # the 16 bucket: one more compile
+    sampler(params, prompt, valid, jax.random.PRNGKey(0))
+    assert sampler.trace_count == 2
+
+
+def test_greedy_top_k_and_top_p():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    key = jax.random.PRNGKey(0)
+    tok, lp = sampling.sample_token(logits, key, jnp.float32(0.0), 0, jnp.float32(1.0))
+    assert int(tok[0]) == 0 and float(lp[0]) == 0.0
+    keys = jax.random.split(key, 2000)
+    draw = jax.vmap(lambda k: sampling.sample_token(logits, k, jnp.float32(1.0), 2, jnp.float32(1.0)))(keys)
+    assert set(np.asarray(draw[0]).ravel().tolist()) == {0, 1}
+    np.testing.assert_allclose(np.exp(draw[1][draw[0] == 0][0]), 0.5 / 0.8, rtol=1e-5)
+    draw = jax.vmap(lambda k: sampling.sample_token(logits, k, jnp.float32(1.0), 0, jnp.float32(0.7)))(keys)
+    assert set(np.asarray(draw[0]).ravel().tolist()) == {0, 1}  # 0.5 < 0.7 ≤ 0.8: two tokens kept
+
+
+def test_bad_arguments(model):
+    _, _, params = model
+    sampler = make_sampler(model)
+    prompt, valid = sampler.pad([[5]])
+    with pytest.raises(ValueError, match="top_p must be in"):
+        sampler(params, prompt, valid, jax.random.PRNGKey(0), top_p=0.0)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        sampler(params, prompt, valid, jax.random.PRNGKey(0), temperature=-1.0)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        make_sampler(model, max_new_tokens=0)

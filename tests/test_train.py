@@ -1,0 +1,65 @@
+"""The text f-DPG loop on the tiny random model (SmolLM2's tokenizer, real prompts)."""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from configs import smollm2_gender, smollm2_sentiment, smollm2_word
+from fdrl import train
+
+
+def smoke(module, tmp_path, **overrides):
+    config = module.get_config("smoke")
+    config.workdir = str(tmp_path)
+    config.update(overrides)
+    return config
+
+
+@pytest.mark.parametrize("module", [smollm2_word, smollm2_sentiment, smollm2_gender],
+                         ids=["word", "sentiment", "gender"])
+def test_smoke_configs_train_and_log(module, tmp_path):
+    config = smoke(module, tmp_path)
+    out = train.train_and_evaluate(config, log=lambda s: None)
+    assert int(out["state"].step) == config.steps
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    for r in evals:
+        for k in ("kl_p_pi", "kl_pi_p", "js", "tv", "alignment", "kl_pi_a", "distinct_2", "self_bleu"):
+            assert math.isfinite(r[k]), (k, r)
+        assert r["samples"]
+    assert any(p.name.startswith("events") for p in (tmp_path / "tb").iterdir())
+    if module is smollm2_gender:
+        assert json.load(open(tmp_path / "target.json"))["lam"]
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = train.train_and_evaluate(smoke(smollm2_sentiment, tmp_path / "a"), log=lambda s: None)["state"]
+    train.train_and_evaluate(smoke(smollm2_sentiment, tmp_path / "b", steps=2), log=lambda s: None)
+    resumed = train.train_and_evaluate(smoke(smollm2_sentiment, tmp_path / "b", resume=True), log=lambda s: None)
+    assert int(resumed["state"].step) == 4
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed["state"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_offpolicy_and_truncated_sampling_use_importance_weights(tmp_path):
+    config = smoke(smollm2_sentiment, tmp_path, proposal="offpolicy", top_p=0.9, steps=2, eval_every=2)
+    trainer = train.Trainer(config)
+    state = trainer.init_state()
+    state, scalars = trainer.step(state)
+    assert state.proposal_params is not None
+    assert math.isfinite(float(scalars["loss"])) and float(scalars["importance_weight_max"]) != 1.0
+
+
+def test_bad_config_values(tmp_path):
+    for field, value, match in [("f", "kl", "unknown f-divergence"), ("proposal", "x", "unknown proposal"),
+                                ("model", "gpt", "unknown model")]:
+        with pytest.raises(ValueError, match=match):
+            train.Trainer(smoke(smollm2_word, tmp_path, **{field: value}))
+    config = smoke(smollm2_sentiment, tmp_path)
+    config.target.beta = -1.0
+    with pytest.raises(ValueError, match="beta must be"):
+        train.Trainer(config)
