@@ -1,11 +1,12 @@
 # Two commands on a fresh machine (Python 3.11 and the package registries):
-#   make demo   install, then run the default experiment (the exact toy comparison)
+#   make demo   install, then a short f-DPG (js) run of SmolLM2-135M on CPU (~10 min)
 #   make test   install with test extras, then run the default test suite
+# Also: make compare (the exact toy RLHF-vs-GDC comparison, ~3 min), make test-slow, make bench.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-slow test-all install clean
+.PHONY: demo compare test test-slow test-all bench install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +22,15 @@ $(VENV)/.installed: setup.py | $(BIN)/python
 install: $(VENV)/.installed
 
 demo: install
+	$(BIN)/python experiments/train.py --config=configs/smollm2_sentiment.py:demo --config.f=js
+
+compare: install
 	$(BIN)/python experiments/compare.py --config=configs/toy.py
+
+bench: install
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python experiments/bench_sampler.py
+	$(BIN)/python experiments/bench_step.py
 
 test: install
 	$(BIN)/python -m pytest -m "not slow" -q

@@ -57,8 +57,13 @@ def lm_main(config):
     first, last = history[0], history[-1]
     print(f"\nf={config.f}, target={config.target.kind}, {int(out['state'].step)} steps × batch {config.batch_size} "
           f"in {out['seconds']:.0f}s; estimates from {config.eval_batch_size} fresh samples of π")
-    print(common.markdown_table(["metric", f"step {first['step']}", f"step {last['step']}"],
-                                [[k, f"{first[k]:.4f}", f"{last[k]:.4f}"] for k in LM_TABLE]))
+    table = common.markdown_table(["metric", f"step {first['step']}", f"step {last['step']}"],
+                                  [[k, f"{first[k]:.4f}", f"{last[k]:.4f}"] for k in LM_TABLE])
+    print(table)
+    with open(os.path.join(config.workdir, "summary.md"), "w") as f:
+        f.write(f"f={config.f}, target={config.target.kind}, {int(out['state'].step)} steps × batch "
+                f"{config.batch_size}, {out['seconds']:.0f}s\n\n{table}\n\nSamples after training:\n\n"
+                + "\n".join(f"- {s}" for s in out["samples"]) + "\n")
     path = os.path.join(config.workdir, "metrics.png")
     _plot_lm(history, path)
     print(f"wrote {path} and {os.path.join(config.workdir, 'metrics.jsonl')}")

@@ -245,7 +245,10 @@ class Trainer:
             policy_logp = jnp.sum(out.logp, axis=1)
         ref_logp = self._ref_logp(self.task.ref_params, prompt, valid, out.tokens, out.mask)
         log_P = ref_logp + jnp.asarray(self.task.target.log_potential(texts))
-        log_Z = estimators.log_z_value(state.log_z, ctx if self.config.conditional else None)
+        # The eval samples join (a copy of) the running estimate: Ẑ is unbiased at
+        # every step, step 0 included, and training's state is left as it was.
+        context = ctx if self.config.conditional else None
+        log_Z = estimators.log_z_value(estimators.log_z_update(state.log_z, log_P, policy_logp, context), context)
         result = {k: float(v) for k, v in metrics.divergence_estimates(policy_logp, log_P, log_Z, ref_logp).items()}
         result["alignment"] = float(np.mean(self.task.target.score(texts)))
         result["log_Z"] = float(jnp.mean(log_Z))

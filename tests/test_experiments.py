@@ -45,3 +45,13 @@ def test_sweep_covers_the_comparison():
     fs = {s["f"] for s in sweep}
     assert {"fkl", "rkl", "js", "tv"} <= fs and len([f for f in fs if f.startswith("alpha=")]) >= 3
     assert {s["target"] for s in sweep} == {"pointwise", "rlhf", "distributional"}
+
+
+def test_train_entry_point_on_the_lm_path(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "experiments/train.py", "--config=configs/smollm2_sentiment.py:smoke", "--config.f=js",
+         f"--config.workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "samples before training" in out.stdout and "samples after training" in out.stdout
+    assert "| kl_p_pi |" in out.stdout
+    assert (tmp_path / "metrics.png").stat().st_size > 5_000 and (tmp_path / "summary.md").exists()

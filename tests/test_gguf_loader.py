@@ -58,3 +58,21 @@ def test_smollm2_matches_independent_numpy_forward():
 def jax_leaves(tree):
     import jax
     return jax.tree.leaves(tree)
+
+
+@pytest.mark.slow
+def test_smollm2_sampler_logp_equals_teacher_forced():
+    import jax
+    from fdrl.models.tokenizer import chat_prompt
+    from fdrl.sampling import Sampler
+
+    model, tok = gguf_loader.load_gguf()
+    graphdef, params = nnx.split(model)
+    sampler = Sampler(graphdef, model.config, max_new_tokens=16, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    prompt, valid = sampler.pad([tok.encode(chat_prompt(p, system=None)) for p in
+                                 ["Tell me about your day.", "Describe the weather today in three words."]])
+    out = sampler(params, prompt, valid, jax.random.PRNGKey(0))
+    forced, _ = llama.continuation_logp(graphdef, params, jnp.asarray(prompt), jnp.asarray(valid), out.tokens, out.mask)
+    np.testing.assert_allclose(out.logp, forced, atol=1e-4)
+    texts = tok.decode_batch(out.tokens, out.mask)
+    assert all(len(t.split()) >= 2 for t in texts), texts  # real words, not byte soup

@@ -63,3 +63,11 @@ def test_bad_config_values(tmp_path):
     config.target.beta = -1.0
     with pytest.raises(ValueError, match="beta must be"):
         train.Trainer(config)
+
+
+def test_step_zero_estimates_use_a_real_log_z(tmp_path):
+    """Before any step the running Ẑ is empty; evaluation must still estimate it."""
+    trainer = train.Trainer(smoke(smollm2_sentiment, tmp_path, eval_batch_size=8))
+    values, _, _ = trainer.evaluate(trainer.init_state(), jax.random.PRNGKey(0))
+    assert values["log_Z"] != 0.0
+    assert 0.0 <= values["tv"] <= 1.5 and values["js"] <= 1.0 and values["kl_pi_p"] > -0.05

@@ -1,0 +1,102 @@
+r"""Sampler throughput: fdrl's jitted KV-cache sampler vs HF transformers' `generate`,
+same GGUF file (SmolLM2-135M-Instruct), same machine, same run.
+
+  pip install -e ".[bench]"                  # torch (CPU) + transformers, the reference
+  python experiments/bench_sampler.py        # batch 1, 16, 64 × 32 new tokens
+
+Both sample at temperature 1 with EOS disabled (exactly batch × new_tokens tokens
+each), float32, after a warm-up call; times are medians of --repeats. torch uses as
+many threads as JAX's CPU backend has cores. Writes experiments/results/bench_sampler.md.
+"""
+
+import json
+import os
+import statistics
+import time
+
+from absl import app, flags
+
+import common
+import jax
+import numpy as np
+from flax import nnx
+
+from fdrl.models import gguf_loader
+from fdrl.models.tokenizer import chat_prompt
+from fdrl.sampling import Sampler
+
+_BATCHES = flags.DEFINE_list("batches", ["1", "16", "64"], "Batch sizes.")
+_NEW = flags.DEFINE_integer("new_tokens", 32, "New tokens per sequence.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (median).")
+_OUT = flags.DEFINE_string("out", "experiments/results", "Output folder.")
+PROMPT = "Tell me about your day."
+
+
+def bench_ours(batch: int, new_tokens: int, repeats: int):
+    model, tok = gguf_loader.load_gguf()
+    graphdef, params = nnx.split(model)
+    sampler = Sampler(graphdef, model.config, max_new_tokens=new_tokens, eos_id=-1, pad_id=tok.pad_id)
+    prompt, valid = sampler.pad([tok.encode(chat_prompt(PROMPT, system=None))] * batch)
+    times = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        out = sampler(params, prompt, valid, jax.random.PRNGKey(i))
+        out.tokens.block_until_ready()
+        times.append(time.perf_counter() - start)
+    assert int(out.mask.sum()) == batch * new_tokens
+    return batch * new_tokens / statistics.median(times[1:])
+
+
+def bench_hf(batch: int, new_tokens: int, repeats: int):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    path = gguf_loader.find_smollm2_gguf()
+    folder, name = os.path.dirname(path), os.path.basename(path)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32).eval()
+    ids = tok(chat_prompt(PROMPT, system=None), return_tensors="pt").input_ids.repeat(batch, 1)
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 1):
+            torch.manual_seed(i)
+            start = time.perf_counter()
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
+                                 top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 pad_token_id=tok.eos_token_id)
+            times.append(time.perf_counter() - start)
+    assert out.shape[1] - ids.shape[1] == new_tokens
+    return batch * new_tokens / statistics.median(times[1:])
+
+
+def main(argv):
+    del argv
+    rows, raw = [], {}
+    for batch in map(int, _BATCHES.value):
+        ours = bench_ours(batch, _NEW.value, _REPEATS.value)
+        try:
+            ref = bench_hf(batch, _NEW.value, _REPEATS.value)
+        except ImportError as e:
+            raise SystemExit(f"the reference needs torch and transformers: pip install -e '.[bench]' ({e})")
+        raw[batch] = dict(fdrl_tokens_per_s=ours, hf_tokens_per_s=ref)
+        rows.append([str(batch), f"{ours:.1f}", f"{ref:.1f}", f"{ours / ref:.2f}×"])
+        print(rows[-1], flush=True)
+    import torch
+    import transformers
+    report = "\n".join([
+        f"# Sampler throughput: SmolLM2-135M-Instruct (GGUF, dequantised to float32), {_NEW.value} new tokens",
+        "", "Command: `python experiments/bench_sampler.py`", "",
+        f"Same machine, same run: {os.cpu_count()} CPU cores; jax {jax.__version__}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}. Temperature 1, EOS disabled, median of {_REPEATS.value} after a warm-up.",
+        "", common.markdown_table(["batch", "fdrl tokens/s", "HF generate tokens/s", "ratio"], rows)])
+    print(report)
+    os.makedirs(_OUT.value, exist_ok=True)
+    with open(os.path.join(_OUT.value, "bench_sampler.md"), "w") as f:
+        f.write(report + "\n")
+    with open(os.path.join(_OUT.value, "bench_sampler.json"), "w") as f:
+        json.dump(raw, f)
+
+
+if __name__ == "__main__":
+    app.run(main)
