@@ -27,6 +27,6 @@ setup(
     extras_require={
         "test": ["pytest", "hypothesis", "nbclient", "nbformat", "ipykernel"],
         # The reference of experiments/bench_sampler.py (torch 2.13.0 is the local CPU wheel here).
-        "bench": ["torch==2.13.0", "transformers"],
+        "bench": ["torch==2.13.0", "transformers", "accelerate"],
     },
 )

@@ -45,6 +45,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.baseline = "batch"
     c.baseline_decay = 0.9
     c.baseline_window = 10
+    # PPO (algo = "ppo": classic RLHF with a per-token KL penalty; "fppo": PPO on −f'(π/p)).
+    c.ppo = ml_collections.ConfigDict()
+    c.ppo.epochs = 2
+    c.ppo.minibatches = 2
+    c.ppo.clip_eps = 0.2
+    c.ppo.aggregation = "token_mean"  # token_mean (TRL), sequence_mean, sequence_sum
+    c.ppo.gamma = 1.0
+    c.ppo.gae_lambda = 0.95
+    c.ppo.vf_coef = 0.1
+    c.ppo.value_clip = 0.2
+    c.ppo.whiten_advantages = True
+    c.ppo.kl_beta = 0.1  # initial KL coefficient of "ppo"
+    c.ppo.kl_controller = "adaptive"  # or "fixed"
+    c.ppo.kl_target = 6.0
+    c.ppo.kl_gain = 0.1
     # Optimisation.
     c.learning_rate = 1e-5
     c.grad_clip = 1.0

@@ -3,6 +3,8 @@ r"""SmolLM2-135M-Instruct, RLHF target a·exp(r/β) with r = VADER compound sent
   python experiments/train.py --config=configs/smollm2_sentiment.py --config.f=rkl   # = KL-regularised RLHF
   python experiments/train.py --config=configs/smollm2_sentiment.py --config.target.beta=0.05
   python experiments/train.py --config=configs/smollm2_sentiment.py:demo --config.f=js   # make demo (~10 min CPU)
+  python experiments/train.py --config=configs/smollm2_sentiment.py --config.algo=ppo    # PPO-RLHF, value head, GAE
+  python experiments/train.py --config=configs/smollm2_sentiment.py --config.algo=fppo --config.f=js
   python experiments/train.py --config=configs/smollm2_sentiment.py:smoke
 """
 
@@ -15,5 +17,6 @@ def get_config(arg: str = ""):
     c.target.scorer = "sentiment"
     c.target.beta = 0.1
     c.f = "rkl"
+    c.algo = "fdpg"  # "fdpg" | "ppo" | "fppo"
     c.workdir = "experiments/results/lm_sentiment"
     return lm_common.apply_variant(c, arg, "smollm2_sentiment")

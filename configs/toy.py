@@ -23,7 +23,7 @@ SWEEP_F = ("fkl", "rkl", "js", "tv") + tuple(f"alpha={a:g}" for a in ALPHA_GRID)
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.algo = "fdpg"  # "fdpg" only for now
+    c.algo = "fdpg"  # "fdpg", "ppo" (classic RLHF, per-token KL penalty) or "fppo" (PPO on −f'(π/p))
     # Problem: V^L enumerable sequences under a random tabular base model.
     c.vocab_size = 4
     c.seq_len = 6
@@ -55,6 +55,20 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.eval_every = 20
     c.seed = 0
     c.num_seeds = 3
+    # PPO (algo = "ppo" or "fppo"); β above is the KL coefficient of classic PPO-RLHF.
+    c.ppo_epochs = 2
+    c.ppo_minibatches = 2
+    c.clip_eps = 0.2
+    c.ppo_aggregation = "sequence_sum"  # token_mean, sequence_mean, sequence_sum (= f-DPG's scale)
+    c.gamma = 1.0
+    c.gae_lambda = 0.95
+    c.use_critic = True
+    c.critic_learning_rate = 0.1
+    c.value_clip = 10.0
+    c.whiten_advantages = False
+    c.kl_controller = "fixed"  # or "adaptive": β ← β(1 + K·clip((KL − KL*)/KL*, ±0.2))
+    c.kl_target = 0.5
+    c.kl_gain = 0.1
     # Output.
     c.workdir = "experiments/results"
 
@@ -67,10 +81,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     return c
 
 
+# Token-level rows beside f-DPG: same target, same samples per step and steps.
+SWEEP_PPO = (dict(algo="ppo", f="rkl", label="ppo-rlhf"), dict(algo="fppo", f="js", label="f-ppo(js)"),
+             dict(algo="fppo", f="fkl", label="f-ppo(fkl)"))
+
+
 def get_sweep(arg: str = ""):
     """The comparison grid: a list of overrides, one run (× seeds) each."""
     del arg
-    return [dict(target=t, family=fam, f=f)
+    return [dict(target=t, family=fam, **run)
             for t in ("pointwise", "rlhf", "distributional")
             for fam in ("tabular", "shared")
-            for f in SWEEP_F]
+            for run in [dict(f=f) for f in SWEEP_F] + list(SWEEP_PPO)]

@@ -9,7 +9,8 @@ Parts, each jitted alone and timed after a warm-up (median of --repeats):
   policy     forward + backward of the policy through fdpg_loss
   update     the Adam update
 and the whole step as the trainer runs it (host scoring included). FLOPs come from
-XLA's compiled cost analysis; achieved FLOP/s is compared with a 2048³ float32
+analytic matmul counts (XLA's cost analysis, shown beside, counts loop bodies once);
+achieved FLOP/s is compared with a 2048³ float32
 matmul under jit measured in the same run. Writes experiments/results/bench_step.md.
 """
 
@@ -49,7 +50,9 @@ def timed(fn, *args, repeats=3):
     return statistics.median(times), result
 
 
-def flops_of(jitted, *args) -> float:
+def xla_flops(jitted, *args) -> float:
+    """XLA's compiled cost analysis. It counts a loop body (scan over layers,
+    while_loop over decode steps) once, so it is reported beside, not used."""
     cost = jitted.lower(*args).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get("flops", 0.0))
@@ -83,15 +86,16 @@ def main(argv):
     sampler = task.sampler
     sample_args = (state.params, prompt, valid, key, jnp.float32(1.0), jnp.float32(1.0))
     t_sample, sampled = timed(sampler._jitted, *sample_args, repeats=_REPEATS.value)
-    # XLA's cost analysis counts a while_loop body once, so the sampler's FLOPs are
-    # analytic: 2 · parameters · positions processed (prefill + one per decode step).
+    # FLOPs are analytic (matmuls): a forward is 2·N per position, forward+backward 6·N,
+    # N = parameters (the tied output projection counted once, the embedding lookup free).
+    n_params = task.model_config.num_params()
     positions = config.batch_size * (prompt.shape[1] + config.max_new_tokens)
-    rows.append(("sample", t_sample, 2.0 * task.model_config.num_params() * positions, int(sampled.mask.sum())))
+    rows.append(("sample", t_sample, 2.0 * n_params * positions, xla_flops(sampler._jitted, *sample_args)))
 
     ref_fn = jax.jit(lambda p, *a: jnp.sum(llama.continuation_logp(graphdef, p, *a)[0], 1))
     ref_args = (task.ref_params, prompt, valid, out.tokens, out.mask)
     t_ref, ref_logp = timed(ref_fn, *ref_args, repeats=_REPEATS.value)
-    rows.append(("reference", t_ref, flops_of(ref_fn, *ref_args), None))
+    rows.append(("reference", t_ref, 2.0 * n_params * positions, xla_flops(ref_fn, *ref_args)))
 
     log_P = ref_logp + log_potential
 
@@ -102,13 +106,14 @@ def main(argv):
     grad_fn = jax.jit(jax.value_and_grad(policy_loss))
     grad_args = (state.params, prompt, valid, out.tokens, out.mask, log_P)
     t_grad, (_, grads) = timed(grad_fn, *grad_args, repeats=_REPEATS.value)
-    rows.append(("policy fwd+bwd", t_grad, flops_of(grad_fn, *grad_args), None))
+    rows.append(("policy fwd+bwd", t_grad, 6.0 * n_params * positions, xla_flops(grad_fn, *grad_args)))
 
     opt = trainer.optimizer
     update_fn = jax.jit(lambda g, s, p: opt.update(g, s, p))
     upd_args = (grads, state.opt_state, state.params)
     t_upd, _ = timed(update_fn, *upd_args, repeats=_REPEATS.value)
-    rows.append(("adam update", t_upd, flops_of(update_fn, *upd_args), None))
+    adam = xla_flops(update_fn, *upd_args)
+    rows.append(("adam update", t_upd, adam, adam))
 
     # The whole step as the trainer runs it (sampling, host decode and scoring, fused update).
     state, _ = trainer.step(state)  # warm-up
@@ -127,19 +132,22 @@ def main(argv):
              f"Device: {jax.devices()[0].device_kind} ×{jax.device_count()}, jax {jax.__version__}. "
              f"Reference rate: 2048³ float32 matmul under jit = {peak_flops / 1e9:.1f} GFLOP/s (same run).", ""]
     table = []
-    for name, seconds, flops, tokens in rows:
-        table.append([name, f"{seconds:.2f}", f"{flops / 1e9:.1f}", f"{flops / seconds / 1e9:.1f}",
+    for name, seconds, flops, xla in rows:
+        table.append([name, f"{seconds:.2f}", f"{flops / 1e9:.1f}", f"{xla / 1e9:.1f}", f"{flops / seconds / 1e9:.1f}",
                       f"{flops / seconds / peak_flops:.0%}"])
-    table.append(["sum of parts", f"{sum(r[1] for r in rows):.2f}", f"{total_flops / 1e9:.1f}",
+    table.append(["sum of parts", f"{sum(r[1] for r in rows):.2f}", f"{total_flops / 1e9:.1f}", "",
                   f"{total_flops / sum(r[1] for r in rows) / 1e9:.1f}",
                   f"{total_flops / sum(r[1] for r in rows) / peak_flops:.0%}"])
-    table.append(["whole trainer step", f"{t_step:.2f}", f"{total_flops / 1e9:.1f}", f"{total_flops / t_step / 1e9:.1f}",
+    table.append(["whole trainer step", f"{t_step:.2f}", f"{total_flops / 1e9:.1f}", "", f"{total_flops / t_step / 1e9:.1f}",
                   f"{total_flops / t_step / peak_flops:.0%}"])
-    lines.append(common.markdown_table(["part", "seconds", "GFLOP (XLA)", "GFLOP/s", "of matmul rate"], table))
-    lines += ["", "Sample FLOPs are analytic (2 · params · positions; XLA counts a while_loop body once); "
-              "the others are XLA's compiled cost analysis.",
+    lines.append(common.markdown_table(["part", "seconds", "GFLOP", "GFLOP (XLA, loops once)", "GFLOP/s",
+                                        "of matmul rate"], table))
+    lines += ["", f"GFLOP: analytic matmul FLOPs, 2·N per position for a forward and 6·N for forward+backward, "
+              f"N = {n_params / 1e6:.1f}M parameters, {positions} positions (prompt bucket + new tokens) per part. "
+              "XLA's compiled cost analysis is shown beside it: it counts a loop body (the scan over layers, the "
+              "decode while_loop) once.",
               f"Peak resident memory of the process: {peak_rss_gb:.2f} GB. "
-              f"Tokens sampled per step: {rows[0][3]}."]
+              f"Tokens sampled per step: {int(sampled.mask.sum())}."]
     report = "\n".join(lines)
     print(report)
     os.makedirs(_OUT.value, exist_ok=True)

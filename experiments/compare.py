@@ -112,7 +112,8 @@ def main(argv):
     write_plot(results, base + ".png")
     with open(base + ".json", "w") as f:
         json.dump({"config": config.to_dict(),
-                   "runs": [{"overrides": o, "history": {k: v.tolist() for k, v in h.items()}} for o, h in results]}, f)
+                   "runs": [{"overrides": o, "history": {k: v.tolist() for k, v in h.items()
+                                                         if k != toy_train.FINAL_POLICY}} for o, h in results]}, f)
     print(open(base + ".md").read())
     print(f"wrote {base}.md, {base}.png, {base}.json")
 

@@ -40,7 +40,8 @@ def main(argv):
     name = f"train_{config.target}_{config.family}_{config.f}".replace("=", "")
     path = os.path.join(config.workdir, name + ".json")
     with open(path, "w") as f:
-        json.dump({"config": config.to_dict(), "history": {k: v.tolist() for k, v in history.items()}}, f)
+        json.dump({"config": config.to_dict(), "history": {k: v.tolist() for k, v in history.items()
+                                                           if k != toy_train.FINAL_POLICY}}, f)
     print(f"wrote {path}")
 
 

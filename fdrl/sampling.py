@@ -80,7 +80,14 @@ def sample_token(logits: Array, key: Array, temperature: Array, top_k: int, top_
 
     scaled = jax.lax.cond(top_p < 1.0, nucleus, lambda x: x, scaled)
     log_q = jax.nn.log_softmax(scaled, axis=-1)
-    sampled = jax.random.categorical(key, log_q, axis=-1)
+    # Inverse-CDF sampling: one uniform per row instead of one Gumbel per vocabulary
+    # entry (random bits for [B, V] per step dominate categorical() on CPU).
+    cdf = jnp.cumsum(jnp.exp(log_q), axis=-1)
+    uniform = jax.random.uniform(key, (logits.shape[0], 1)) * cdf[:, -1:]
+    sampled = jnp.minimum(jnp.sum(cdf < uniform, axis=-1), logits.shape[-1] - 1)
+    # Never land on a token of probability 0 through float rounding at a step of the cdf.
+    sampled = jnp.where(jnp.take_along_axis(log_q, sampled[:, None], -1)[:, 0] == -jnp.inf,
+                        jnp.argmax(log_q, axis=-1), sampled)
     token = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled)
     token_logp = jnp.where(greedy, 0.0, jnp.take_along_axis(log_q, token[:, None], axis=-1)[:, 0])
     return token.astype(jnp.int32), token_logp
@@ -125,7 +132,7 @@ class Sampler:
         batch, prompt_len = prompt.shape
         steps = self.max_new_tokens
         cache = KVCache.init(self.model_config, batch, prompt_len + steps)
-        out = forward(self.graphdef, params, prompt, prompt_valid, cache, 0)
+        out = forward(self.graphdef, params, prompt, prompt_valid, cache, 0, last_only=True)
 
         def cond(carry):
             t, _, _, _, _, _, done, _ = carry

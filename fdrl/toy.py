@@ -137,11 +137,18 @@ def _next_logits(problem: ToyProblem, family: str, params, prefix: Array, previo
     return problem.base_logits[prefix] + params["bias"][previous]
 
 
-def sequence_logp(problem: ToyProblem, family: str, params, tokens: Array) -> Array:
-    """log π(x) for tokens [B, L] → [B] (float32, differentiable in params)."""
+def token_logp(problem: ToyProblem, family: str, params, tokens: Array) -> Array:
+    """log π(x_t | x_<t) for tokens [B, L] → [B, L] (float32, differentiable in params)."""
     v = problem.vocab_size
     logits = _next_logits(problem, family, params, prefix_index(tokens, v), _previous_tokens(tokens, v))
-    return _gather_logp(logits, tokens)
+    logits = logits.astype(jnp.float32)
+    chosen = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
+    return chosen - jax.nn.logsumexp(logits, axis=-1)
+
+
+def sequence_logp(problem: ToyProblem, family: str, params, tokens: Array) -> Array:
+    """log π(x) for tokens [B, L] → [B] (float32, differentiable in params)."""
+    return jnp.sum(token_logp(problem, family, params, tokens), axis=-1)
 
 
 def all_logp(problem: ToyProblem, family: str, params) -> Array:

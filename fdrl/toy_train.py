@@ -19,12 +19,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fdrl import divergences, estimators, toy
+from fdrl import divergences, estimators, toy, toy_ppo
 from fdrl.losses import fdpg_loss
 
 Array = jax.Array
 
 PROPOSALS = ("policy", "lagged")
+#: history key of log π over the whole support after training, [seeds, S] (not a time series).
+FINAL_POLICY = "final_policy_logp"
 
 
 class ToyTrainState(NamedTuple):
@@ -35,6 +37,7 @@ class ToyTrainState(NamedTuple):
     baseline: estimators.BaselineState
     key: Array
     step: Array
+    extra: object = None  # algorithm-specific state (toy_ppo.PPOExtras for PPO)
 
 
 def make_task(config) -> tuple[toy.ToyProblem, toy.ToyTarget]:
@@ -58,6 +61,10 @@ def make_optimizer(config) -> optax.GradientTransformation:
 def validate(config) -> None:
     """Raises ValueError naming the first bad field."""
     divergences.get_divergence(config.f, alpha=config.get("alpha"))
+    if config.algo not in ("fdpg",) + toy_ppo.ALGOS:
+        raise ValueError(f"unknown algo={config.algo!r}; choose fdpg, ppo or fppo")
+    if config.algo != "fdpg":
+        toy_ppo.validate(config)
     if config.family not in toy.FAMILIES:
         raise ValueError(f"unknown family={config.family!r}; choose one of {toy.FAMILIES}")
     if config.baseline not in estimators.BASELINES:
@@ -80,6 +87,7 @@ def init_state(config, problem: toy.ToyProblem, optimizer, seed: Array) -> ToyTr
         baseline=estimators.baseline_init(config.baseline_window),
         key=jax.random.PRNGKey(seed),
         step=jnp.array(0, jnp.int32),
+        extra=toy_ppo.init_extras(config, problem) if config.algo != "fdpg" else None,
     )
 
 
@@ -143,7 +151,8 @@ def _one_batch_log_Z(config, problem, target, state: ToyTrainState) -> Array:
 def run(config, problem: toy.ToyProblem, target: toy.ToyTarget, seed: Array) -> dict:
     """One training run; returns exact metrics at steps 0, eval_every, ..., steps ([E+1] each)."""
     optimizer = make_optimizer(config)
-    step_fn = functools.partial(train_step, config, problem, target, optimizer)
+    step_impl = train_step if config.algo == "fdpg" else toy_ppo.train_step
+    step_fn = functools.partial(step_impl, config, problem, target, optimizer)
     state = init_state(config, problem, optimizer, seed)
 
     def eval_block(state, _):
@@ -154,12 +163,15 @@ def run(config, problem: toy.ToyProblem, target: toy.ToyTarget, seed: Array) -> 
 
     first = evaluate(config, problem, target, state.params)
     first["log_Z_estimate"] = _one_batch_log_Z(config, problem, target, state)
-    _, history = jax.lax.scan(eval_block, state, None, length=config.steps // config.eval_every)
-    return jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, history)
+    final, history = jax.lax.scan(eval_block, state, None, length=config.steps // config.eval_every)
+    history = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, history)
+    history[FINAL_POLICY] = toy.all_logp(problem, config.family, final.params)
+    return history
 
 
 def run_seeds(config, problem: toy.ToyProblem | None = None, target: toy.ToyTarget | None = None) -> dict:
-    """`config.num_seeds` runs at once (vmap). Returns dict of [seeds, E+1] arrays and "step" [E+1]."""
+    """`config.num_seeds` runs at once (vmap). Returns dict of [seeds, E+1] arrays, "step" [E+1],
+    and FINAL_POLICY: log π over the support after training, [seeds, S]."""
     validate(config)
     if problem is None or target is None:
         problem, target = make_task(config)
@@ -168,14 +180,15 @@ def run_seeds(config, problem: toy.ToyProblem | None = None, target: toy.ToyTarg
     history = jax.tree.map(lambda x: jax.device_get(x), history)
     history["step"] = jnp.arange(0, config.steps + 1, config.eval_every)
     for name, values in history.items():
-        if name != "kl_pi_p" and not bool(jnp.all(jnp.isfinite(values))):
+        if name not in ("kl_pi_p", FINAL_POLICY) and not bool(jnp.all(jnp.isfinite(values))):
             raise FloatingPointError(f"metric {name} became non-finite in run f={config.f}: {values}")
     return history
 
 
 def summarise(history: dict) -> dict:
     """Final metrics as (mean, std) over seeds."""
-    return {k: (float(jnp.mean(v[:, -1])), float(jnp.std(v[:, -1]))) for k, v in history.items() if k != "step"}
+    return {k: (float(jnp.mean(v[:, -1])), float(jnp.std(v[:, -1]))) for k, v in history.items()
+            if k not in ("step", FINAL_POLICY)}
 
 
 def format_mean_std(mean: float, std: float) -> str:

@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fdrl import data, divergences, estimators, metrics, scorers
+from fdrl import data, divergences, estimators, metrics, ppo, scorers
 from fdrl.losses import fdpg_loss
 from fdrl.models import gguf_loader, llama, tokenizer as tokenizer_lib
 from fdrl.sampling import Sampler
@@ -46,6 +46,10 @@ class LMTrainState(NamedTuple):
     baseline: estimators.BaselineState
     key: Array
     step: Array
+    kl: Optional[object] = None  # ppo.KLControllerState for algo = "ppo"
+
+
+ALGOS = ("fdpg", "ppo", "fppo")
 
 
 class Task(NamedTuple):
@@ -66,13 +70,14 @@ class Task(NamedTuple):
 
 def build_model(config):
     """(model, tokenizer) for config.model: "smollm2" (GGUF) or "tiny" (random, SmolLM2's tokenizer)."""
+    value_head = config.algo != "fdpg"  # PPO's critic
     if config.model == "smollm2":
         return gguf_loader.load_gguf(config.get("gguf_path") or None, param_dtype=config.param_dtype,
-                                     compute_dtype=config.compute_dtype)
+                                     compute_dtype=config.compute_dtype, value_head=value_head)
     if config.model == "tiny":
         tok = gguf_loader.load_tokenizer(config.get("gguf_path") or None)
         model_config = llama.LlamaConfig.tiny(vocab_size=tok.vocab_size, param_dtype=config.param_dtype,
-                                              compute_dtype=config.compute_dtype)
+                                              compute_dtype=config.compute_dtype, value_head=value_head)
         return llama.Llama(model_config, rngs=nnx.Rngs(config.model_seed)), tok
     raise ValueError(f"unknown model={config.model!r}; choose 'smollm2' or 'tiny'")
 
@@ -91,6 +96,10 @@ def build_target(config) -> scorers.TextTarget:
 
 def validate(config) -> None:
     divergences.get_divergence(config.f, alpha=config.get("alpha"))
+    if config.algo not in ALGOS:
+        raise ValueError(f"unknown algo={config.algo!r}; choose one of {ALGOS}")
+    if config.algo != "fdpg" and config.batch_size % config.ppo.minibatches:
+        raise ValueError(f"batch_size={config.batch_size} must be divisible by ppo.minibatches={config.ppo.minibatches}")
     if config.proposal not in PROPOSALS:
         raise ValueError(f"unknown proposal={config.proposal!r}; choose one of {PROPOSALS}")
     if config.baseline not in estimators.BASELINES:
@@ -132,6 +141,7 @@ def init_state(config, task: Task, optimizer) -> LMTrainState:
         baseline=estimators.baseline_init(config.baseline_window),
         key=jax.random.PRNGKey(config.seed),
         step=jnp.array(0, jnp.int32),
+        kl=ppo.kl_controller_init(config.ppo.kl_beta) if config.algo == "ppo" else None,
     )
 
 
@@ -186,6 +196,67 @@ def update(config, graphdef, optimizer, ref_params, state: LMTrainState, prompt,
     return state, scalars
 
 
+def ppo_update(config, graphdef, optimizer, ref_params, state: LMTrainState, prompt, prompt_valid, completion, mask,
+               sampler_logp, log_potential, context_ids):
+    """PPO-RLHF (algo="ppo") or f-PPO (algo="fppo") on the rollouts of one step.
+
+    Rewards per token (fdrl.ppo), GAE with the value head, then `ppo.epochs` ×
+    `ppo.minibatches` clipped updates of policy and value head as a lax.scan.
+    """
+    pc = config.ppo
+    args = (prompt, prompt_valid, completion, mask)
+    ref_tok, _ = llama.continuation_logp(graphdef, ref_params, *args)
+    old_tok, old_values = llama.continuation_logp(graphdef, state.params, *args)
+    old_tok, old_values = jax.lax.stop_gradient(old_tok), jax.lax.stop_gradient(old_values)
+    log_P = jnp.sum(ref_tok, 1) + log_potential
+    ctx = context_ids if config.conditional else None
+    log_z = estimators.log_z_update(state.log_z, log_P, jnp.sum(sampler_logp, 1), ctx)
+    log_Z = estimators.log_z_value(log_z, ctx)
+    kl_state = state.kl
+    if config.algo == "ppo":  # score = β·log-potential: r(x) for an RLHF target
+        rewards = ppo.rlhf_token_rewards(old_tok, ref_tok, kl_state.beta * log_potential, mask, kl_state.beta)
+    else:
+        rewards = ppo.fppo_token_rewards(config.f, jnp.sum(old_tok, 1), log_P, log_Z, mask,
+                                         alpha=config.get("alpha"), max_abs_u=config.max_abs_u)
+    advantages, returns = ppo.gae(rewards, old_values, mask, pc.gamma, pc.gae_lambda)
+    if pc.whiten_advantages:
+        advantages = ppo.whiten(advantages, mask)
+    batch = (prompt, prompt_valid, completion, mask, old_tok, old_values, advantages, returns)
+    size = config.batch_size // pc.minibatches
+
+    def minibatch(carry, idx):
+        params, opt_state = carry
+        p, pv, c, m, old, old_v, adv, ret = (x[idx] for x in batch)
+
+        def loss_fn(params):
+            tok, values = llama.continuation_logp(graphdef, params, p, pv, c, m)
+            policy_loss, diag = ppo.ppo_policy_loss(tok, old, adv, m, pc.clip_eps, pc.aggregation)
+            v_loss = ppo.value_loss(values, old_v, ret, m, pc.value_clip)
+            return policy_loss + pc.vf_coef * v_loss, (diag, v_loss)
+
+        (loss, (diag, v_loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), (loss, v_loss, diag["clip_fraction"])
+
+    def epoch(carry, key):
+        order = jax.random.permutation(key, config.batch_size).reshape(pc.minibatches, size)
+        return jax.lax.scan(minibatch, carry, order)
+
+    perm_key = jax.random.fold_in(state.key, 7)
+    (params, opt_state), (losses, v_losses, clips) = jax.lax.scan(
+        epoch, (state.params, state.opt_state), jax.random.split(perm_key, pc.epochs))
+    kl_batch = jnp.mean(jnp.sum(jnp.where(mask, old_tok - ref_tok, 0.0), 1))
+    if kl_state is not None and pc.kl_controller == "adaptive":
+        kl_state = ppo.adaptive_kl_update(kl_state, kl_batch, pc.kl_target, pc.kl_gain)
+    state = state._replace(params=params, opt_state=opt_state, log_z=log_z, step=state.step + 1, kl=kl_state)
+    scalars = dict(loss=jnp.mean(losses), value_loss=jnp.mean(v_losses), clip_fraction=jnp.mean(clips),
+                   log_Z=jnp.mean(log_Z), kl_pi_a_batch=kl_batch, reward=jnp.mean(jnp.sum(rewards, 1)),
+                   completion_tokens=jnp.mean(jnp.sum(mask, 1)))
+    if kl_state is not None:
+        scalars["kl_beta"] = kl_state.beta
+    return state, scalars
+
+
 class Trainer:
     """Holds the built task and the jitted update; `step` and `evaluate` are the loop's parts."""
 
@@ -193,7 +264,8 @@ class Trainer:
         self.config = config
         self.task = task or build_task(config)
         self.optimizer = make_optimizer(config)
-        self._update = jax.jit(functools.partial(update, config, self.task.graphdef, self.optimizer),
+        update_fn = update if config.algo == "fdpg" else ppo_update
+        self._update = jax.jit(functools.partial(update_fn, config, self.task.graphdef, self.optimizer),
                                donate_argnums=(1,))
         self._ref_logp = jax.jit(lambda params, *a: jnp.sum(
             llama.continuation_logp(self.task.graphdef, params, *a)[0], axis=1))

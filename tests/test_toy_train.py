@@ -56,3 +56,22 @@ def test_log_z_estimate_converges_to_exact():
 def test_config_errors(field, value, match):
     with pytest.raises(ValueError, match=match):
         toy_train.run_seeds(short_config(**{field: value}))
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(algo="ppo", f="rkl"), dict(algo="fppo", f="js"),
+    dict(algo="fppo", f="fkl", use_critic=False, whiten_advantages=True),  # no critic: whitening is the baseline
+    dict(algo="ppo", f="rkl", kl_controller="adaptive", whiten_advantages=True, ppo_aggregation="token_mean"),
+], ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+def test_ppo_runs_lower_the_exact_divergence(overrides):
+    history = toy_train.run_seeds(short_config(**overrides))
+    # The divergence each run minimises: KL(π‖p) for PPO-RLHF, D_f for f-PPO.
+    start, end = float(history["objective"][0, 0]), float(history["objective"][0, -1])
+    assert end < 0.5 * start, (overrides, start, end)
+
+
+def test_ppo_config_errors():
+    with pytest.raises(ValueError, match="unknown algo='trpo'"):
+        toy_train.run_seeds(short_config(algo="trpo"))
+    with pytest.raises(ValueError, match="divisible by ppo_minibatches"):
+        toy_train.run_seeds(short_config(algo="ppo", ppo_minibatches=5))

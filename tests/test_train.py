@@ -71,3 +71,20 @@ def test_step_zero_estimates_use_a_real_log_z(tmp_path):
     values, _, _ = trainer.evaluate(trainer.init_state(), jax.random.PRNGKey(0))
     assert values["log_Z"] != 0.0
     assert 0.0 <= values["tv"] <= 1.5 and values["js"] <= 1.0 and values["kl_pi_p"] > -0.05
+
+
+@pytest.mark.parametrize("algo", ["ppo", "fppo"])
+def test_two_ppo_steps_on_the_tiny_model(algo, tmp_path):
+    config = smoke(smollm2_sentiment, tmp_path, algo=algo, steps=2, eval_every=2, checkpoint_every=0)
+    trainer = train.Trainer(config)
+    state = trainer.init_state()
+    before = jax.tree.leaves(state.params)
+    before = [np.asarray(x).copy() for x in before]
+    for _ in range(2):
+        state, scalars = trainer.step(state)
+        assert all(math.isfinite(float(v)) for k, v in scalars.items() if k != "log_Z")
+    after = [np.asarray(x) for x in jax.tree.leaves(state.params)]
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after))
+    assert trainer.task.model_config.value_head
+    if algo == "ppo":
+        assert float(state.kl.beta) != 0.1  # the adaptive controller moved
