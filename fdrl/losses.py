@@ -43,6 +43,23 @@ def _as_batch(name: str, x, batch_shape=None) -> Array:
     return x
 
 
+def log_ratio(policy_logp: Array, log_P: Array, log_Z: Array, max_abs_u: float = DEFAULT_MAX_ABS_U):
+    """(u, log p): u = log π − log p clipped to ±max_abs_u, log p = log P − log Z.
+
+    P = 0 stays p = 0 even when log Z = −inf, and p = 0 means π/p = +inf (then
+    clipped) whatever π is: no inf − inf anywhere. Shapes broadcast ([B] with []).
+    """
+    log_p = jnp.where(log_P == -jnp.inf, -jnp.inf, log_P - log_Z)
+    u = jnp.where(log_p == -jnp.inf, jnp.inf, policy_logp - log_p)
+    return jnp.clip(u, -max_abs_u, max_abs_u), log_p
+
+
+def clipped_pseudo_reward(div: divergences.Divergence, u: Array, max_abs_u: float = DEFAULT_MAX_ABS_U) -> Array:
+    """R = −f'(e^u), |R| ≤ exp(max_abs_u) (f' of χ²-Neyman or α < 0 outgrows e^|u|)."""
+    bound = math.exp(max_abs_u)
+    return jnp.clip(div.pseudo_reward(u), -bound, bound)
+
+
 def fdpg_loss(
     f,
     policy_logp: Array,
@@ -125,17 +142,12 @@ def fdpg_loss(
 
     if log_Z is None:
         # log Σ s·P/q − log Σ s: the batch estimate of Z.
-        log_ratio = jnp.where(log_P == -jnp.inf, -jnp.inf, log_P - proposal)
-        log_Z = jax.nn.logsumexp(log_ratio, b=sample_weight) - jnp.log(jnp.maximum(jnp.sum(sample_weight), 1e-30))
+        log_target_weight = jnp.where(log_P == -jnp.inf, -jnp.inf, log_P - proposal)
+        log_Z = jax.nn.logsumexp(log_target_weight, b=sample_weight) - jnp.log(jnp.maximum(jnp.sum(sample_weight), 1e-30))
     log_Z = jax.lax.stop_gradient(jnp.asarray(log_Z, jnp.float32))
 
-    # log p = log P − log Z, with P = 0 staying p = 0 even if log Z = −inf.
-    log_p = jnp.where(log_P == -jnp.inf, -jnp.inf, log_P - log_Z)
-    # u = log π − log p; p = 0 means π/p = +inf whatever π is.
-    u = jnp.where(log_p == -jnp.inf, jnp.inf, behaviour_logp - log_p)
-    u = jnp.clip(u, -max_abs_u, max_abs_u)
-    max_reward = math.exp(max_abs_u)
-    pseudo_reward = jnp.clip(div.pseudo_reward(u), -max_reward, max_reward)
+    u, log_p = log_ratio(behaviour_logp, log_P, log_Z, max_abs_u)
+    pseudo_reward = clipped_pseudo_reward(div, u, max_abs_u)
 
     weights = sample_weight * importance_weight
     if baseline is None:

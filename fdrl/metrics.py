@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fdrl.losses import log_ratio
+
 Array = jax.Array
 _LOG2 = math.log(2.0)
 _U_CLIP = 30.0
@@ -34,8 +36,7 @@ _U_CLIP = 30.0
 
 def divergence_estimates(policy_logp: Array, log_P: Array, log_Z: Array, ref_logp: Array) -> dict:
     """Estimates from on-policy samples. All inputs [B] (log_Z [] or [B])."""
-    log_p = jnp.where(log_P == -jnp.inf, -jnp.inf, log_P - log_Z)
-    u = jnp.clip(jnp.where(log_p == -jnp.inf, jnp.inf, policy_logp - log_p), -_U_CLIP, _U_CLIP)
+    u, _ = log_ratio(policy_logp, log_P, log_Z, _U_CLIP)
     log_snis = jax.nn.log_softmax(jnp.where(log_P == -jnp.inf, -jnp.inf, log_P - policy_logp))
     snis = jnp.exp(log_snis)
     finite = jnp.any(log_P > -jnp.inf)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from fdrl import divergences
-from fdrl.losses import DEFAULT_MAX_ABS_U
+from fdrl.losses import DEFAULT_MAX_ABS_U, clipped_pseudo_reward, log_ratio
 
 Array = jax.Array
 AGGREGATIONS = ("token_mean", "sequence_mean", "sequence_sum")
@@ -76,12 +76,8 @@ def fppo_token_rewards(f, policy_seq_logp: Array, log_P: Array, log_Z: Array, ma
       log_P: [B] unnormalised target log-scores; log_Z: [] or [B].
     """
     div = divergences.get_divergence(f, alpha=alpha)
-    log_p = jnp.where(log_P == -jnp.inf, -jnp.inf, log_P - log_Z)
-    u = jnp.where(log_p == -jnp.inf, jnp.inf, policy_seq_logp - log_p)
-    u = jnp.clip(u, -max_abs_u, max_abs_u)
-    bound = jnp.exp(max_abs_u)
-    reward = jnp.clip(div.pseudo_reward(u), -bound, bound)
-    return place_at_last_token(jax.lax.stop_gradient(reward), mask)
+    u, _ = log_ratio(policy_seq_logp, log_P, log_Z, max_abs_u)
+    return place_at_last_token(jax.lax.stop_gradient(clipped_pseudo_reward(div, u, max_abs_u)), mask)
 
 
 def gae(rewards: Array, values: Array, mask: Array, gamma: float, lam: float) -> tuple[Array, Array]:
