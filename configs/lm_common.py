@@ -23,7 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.target = ml_collections.ConfigDict()
     c.target.kind = "pointwise"
     c.target.scorer = "word"
-    c.target.words = ("happy",)
+    c.target.words = ("great",)
     c.target.pattern = ""
     c.target.unit = "words"
     c.target.log_b_floor = float("-inf")

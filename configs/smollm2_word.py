@@ -15,7 +15,10 @@ def get_config(arg: str = ""):
     c = lm_common.base_config()
     c.target.kind = "pointwise"
     c.target.scorer = "word"
-    c.target.words = ("happy",)
+    # Any of these words. Alone each is rare under SmolLM2 on the chat prompts (in 128 samples:
+    # great 3.9%, beautiful 3.1%, love / amazing / wonderful 2.3%; "happy" 0.8%), and a target
+    # that no sample of a batch meets gives f-DPG no signal.
+    c.target.words = ("great", "beautiful", "love", "amazing", "wonderful")
     c.f = "js"
     c.learning_rate = 1e-5
     c.workdir = "experiments/results/lm_word"

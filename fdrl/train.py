@@ -354,9 +354,10 @@ def restore_checkpoint(manager, abstract_state: LMTrainState, step: Optional[int
 class _Writers:
     """metrics.jsonl and TensorBoard event files in the workdir."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, append: bool):
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        # A resumed run continues its log; a fresh run starts a new one.
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a" if append else "w")
         try:
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(os.path.join(workdir, "tb"))
@@ -392,8 +393,14 @@ def train_and_evaluate(config, task: Optional[Task] = None, log=print) -> dict:
     target_file = os.path.join(workdir, "target.json")
 
     state = trainer.init_state()
-    if config.resume and manager.latest_step() is not None:
-        state = restore_checkpoint(manager, jax.tree.map(lambda x: x, state))
+    latest = manager.latest_step()
+    if latest is not None and not config.resume:
+        raise FileExistsError(f"{workdir} already holds checkpoints up to step {latest}: pass --config.resume=True "
+                              "to continue them, or choose another --config.workdir")
+    if config.resume and latest is None:
+        log(f"resume requested but {workdir} holds no checkpoint: starting from step 0")
+    if config.resume and latest is not None:
+        state = restore_checkpoint(manager, state)  # the fresh state is the restore target
         if os.path.exists(target_file):
             lam = json.load(open(target_file)).get("lam")
             if lam is not None:
@@ -407,7 +414,7 @@ def train_and_evaluate(config, task: Optional[Task] = None, log=print) -> dict:
             log(f"fitted λ={fit['lam']} on {fit['num_samples']} base samples (moments {fit['moments']})")
             json.dump(fit, open(target_file, "w"))
 
-    writers = _Writers(workdir)
+    writers = _Writers(workdir, append=int(state.step) > 0)
     eval_key = jax.random.PRNGKey(config.seed + 2)
     history, last_samples = [], []
 

@@ -2,6 +2,7 @@ import importlib.util
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -45,7 +46,7 @@ def test_smollm2_matches_independent_numpy_forward():
     assert (config.num_layers, config.hidden_dim, config.num_heads, config.num_kv_heads) == (30, 576, 9, 3)
     assert config.rope_theta == 1e5 and config.vocab_size == 49152 and config.tie_embeddings
     graphdef, params = nnx.split(model)
-    assert all(x.dtype == jnp.float32 for x in jax_leaves(params))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
     for case in json.load(open(GOLDEN)):
         assert tok.encode(case["prompt"]) == case["ids"]
         ids = jnp.array([case["ids"]])
@@ -55,14 +56,8 @@ def test_smollm2_matches_independent_numpy_forward():
         np.testing.assert_allclose(logp[case["top5_ids"]], case["top5_logp"], atol=2e-3)
 
 
-def jax_leaves(tree):
-    import jax
-    return jax.tree.leaves(tree)
-
-
 @pytest.mark.slow
 def test_smollm2_sampler_logp_equals_teacher_forced():
-    import jax
     from fdrl.models.tokenizer import chat_prompt
     from fdrl.sampling import Sampler
 

@@ -41,6 +41,8 @@ def test_resume_continues_exactly(tmp_path):
     train.train_and_evaluate(smoke(smollm2_sentiment, tmp_path / "b", steps=2), log=lambda s: None)
     resumed = train.train_and_evaluate(smoke(smollm2_sentiment, tmp_path / "b", resume=True), log=lambda s: None)
     assert int(resumed["state"].step) == 4
+    with pytest.raises(FileExistsError, match="resume=True"):
+        train.train_and_evaluate(smoke(smollm2_sentiment, tmp_path / "b"), log=lambda s: None)
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed["state"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
