@@ -86,16 +86,26 @@ def main(argv):
     sampler = task.sampler
     sample_args = (state.params, prompt, valid, key, jnp.float32(1.0), jnp.float32(1.0))
     t_sample, sampled = timed(sampler._jitted, *sample_args, repeats=_REPEATS.value)
-    # FLOPs are analytic (matmuls): a forward is 2·N per position, forward+backward 6·N,
-    # N = parameters (the tied output projection counted once, the embedding lookup free).
-    n_params = task.model_config.num_params()
-    positions = config.batch_size * (prompt.shape[1] + config.max_new_tokens)
-    rows.append(("sample", t_sample, 2.0 * n_params * positions, xla_flops(sampler._jitted, *sample_args)))
+    # FLOPs are analytic (matmuls): a forward is 2·N_body per position plus 2·V·D per position
+    # that gets logits; forward+backward is 3× that. N_body = parameters less the (tied) V×D
+    # embedding, whose lookup is free and whose output projection runs only where logits are needed.
+    mc = task.model_config
+    out_proj = mc.vocab_size * mc.hidden_dim
+    n_body = mc.num_params() - out_proj
+    n_params = mc.num_params()
+    b, p_len, n_new = config.batch_size, prompt.shape[1], config.max_new_tokens
+    positions = b * (p_len + n_new)
+    forward_flops = lambda body_pos, logit_pos: 2.0 * (n_body * body_pos + out_proj * logit_pos)
+    # Sampling: prefill (logits at the last slot) + one position per decode step.
+    rows.append(("sample", t_sample, forward_flops(positions, b * (1 + n_new)),
+                 xla_flops(sampler._jitted, *sample_args)))
+    # Teacher forcing reads P + N − 1 slots and makes logits for the N completion tokens.
+    scored = b * (p_len + n_new - 1)
 
     ref_fn = jax.jit(lambda p, *a: jnp.sum(llama.continuation_logp(graphdef, p, *a)[0], 1))
     ref_args = (task.ref_params, prompt, valid, out.tokens, out.mask)
     t_ref, ref_logp = timed(ref_fn, *ref_args, repeats=_REPEATS.value)
-    rows.append(("reference", t_ref, 2.0 * n_params * positions, xla_flops(ref_fn, *ref_args)))
+    rows.append(("reference", t_ref, forward_flops(scored, b * n_new), xla_flops(ref_fn, *ref_args)))
 
     log_P = ref_logp + log_potential
 
@@ -106,7 +116,7 @@ def main(argv):
     grad_fn = jax.jit(jax.value_and_grad(policy_loss))
     grad_args = (state.params, prompt, valid, out.tokens, out.mask, log_P)
     t_grad, (_, grads) = timed(grad_fn, *grad_args, repeats=_REPEATS.value)
-    rows.append(("policy fwd+bwd", t_grad, 6.0 * n_params * positions, xla_flops(grad_fn, *grad_args)))
+    rows.append(("policy fwd+bwd", t_grad, 3 * forward_flops(scored, b * n_new), xla_flops(grad_fn, *grad_args)))
 
     opt = trainer.optimizer
     update_fn = jax.jit(lambda g, s, p: opt.update(g, s, p))
@@ -142,8 +152,11 @@ def main(argv):
                   f"{total_flops / t_step / peak_flops:.0%}"])
     lines.append(common.markdown_table(["part", "seconds", "GFLOP", "GFLOP (XLA, loops once)", "GFLOP/s",
                                         "of matmul rate"], table))
-    lines += ["", f"GFLOP: analytic matmul FLOPs, 2·N per position for a forward and 6·N for forward+backward, "
-              f"N = {n_params / 1e6:.1f}M parameters, {positions} positions (prompt bucket + new tokens) per part. "
+    lines += ["", f"GFLOP: analytic matmul FLOPs: a forward is 2·N_body per position read plus 2·V·D per position "
+              f"that gets logits (N_body = {n_body / 1e6:.1f}M of the {n_params / 1e6:.1f}M parameters; V·D = "
+              f"{out_proj / 1e6:.1f}M, the tied embedding); forward+backward is 3×. Sampling reads {positions} "
+              f"positions (prompt bucket {p_len} + {n_new} new) with logits at {b * (1 + n_new)}; teacher forcing reads "
+              f"{scored} with logits at the {b * n_new} completion positions. "
               "XLA's compiled cost analysis is shown beside it: it counts a loop body (the scan over layers, the "
               "decode while_loop) once.",
               f"Peak resident memory of the process: {peak_rss_gb:.2f} GB. "

@@ -123,7 +123,7 @@ class Llama(nnx.Module):
             self.value_w = self.value_b = None
 
     def __call__(self, tokens: Array, valid: Array, cache: Optional[KVCache] = None,
-                 index: Array | int = 0, last_only: bool = False) -> ModelOutput:
+                 index: Array | int = 0, last_only: bool = False, logits_start: int = 0) -> ModelOutput:
         """Runs the decoder.
 
         Args:
@@ -133,6 +133,8 @@ class Llama(nnx.Module):
           index: slot of tokens[:, 0] in the cache.
           last_only: compute logits (and values) for the last slot only, [B, 1, V]:
             a prefill needs no more, and the output projection is ~20% of the FLOPs.
+          logits_start: compute logits (and values) for slots [logits_start, T) only
+            (a static int): teacher forcing needs none for the prompt.
         """
         c = self.config
         cdt = jnp.dtype(c.compute_dtype)
@@ -182,6 +184,8 @@ class Llama(nnx.Module):
 
         if last_only:
             x = x[:, -1:]
+        elif logits_start:
+            x = x[:, logits_start:]
         hidden = _rms_norm(x, self.final_norm[...].astype(cdt), c.norm_eps)
         out_w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         logits = jnp.dot(hidden, out_w.astype(cdt), preferred_element_type=jnp.float32).astype(jnp.float32)
@@ -227,9 +231,9 @@ def _attention(q: Array, k: Array, v: Array, mask: Array, num_kv_heads: int) -> 
 # --- functional face: plain jax.jit over (graphdef, params) -----------------
 
 def forward(graphdef, params, tokens: Array, valid: Array, cache: Optional[KVCache] = None,
-            index: Array | int = 0, last_only: bool = False) -> ModelOutput:
+            index: Array | int = 0, last_only: bool = False, logits_start: int = 0) -> ModelOutput:
     """The model as a pure function of its parameter state."""
-    return nnx.merge(graphdef, params)(tokens, valid, cache, index, last_only)
+    return nnx.merge(graphdef, params)(tokens, valid, cache, index, last_only, logits_start)
 
 
 def token_logp_from_logits(logits: Array, targets: Array) -> Array:
@@ -255,10 +259,9 @@ def continuation_logp(graphdef, params, prompt: Array, prompt_valid: Array, comp
     """
     tokens = jnp.concatenate([prompt, completion], axis=1)
     valid = jnp.concatenate([prompt_valid, completion_mask], axis=1)
-    out = forward(graphdef, params, tokens, valid)
     p = prompt.shape[1]
-    # Logits at slot i predict slot i + 1.
-    logits = out.logits[:, p - 1:-1]
-    token_logp = jnp.where(completion_mask, token_logp_from_logits(logits, completion), 0.0)
-    values = None if out.values is None else out.values[:, p - 1:-1]
+    # Logits at slot i predict slot i + 1: only slots p − 1 … p + N − 2 are needed.
+    out = forward(graphdef, params, tokens[:, :-1], valid[:, :-1], logits_start=p - 1)
+    token_logp = jnp.where(completion_mask, token_logp_from_logits(out.logits, completion), 0.0)
+    values = out.values
     return token_logp, values
