@@ -216,6 +216,12 @@ def make_target(problem: ToyProblem, name: str, *, beta: float = 0.2, mu_bar: fl
     raise ValueError(f"unknown toy target={name!r}; choose one of {TARGETS}")
 
 
+def score(problem: ToyProblem, target: ToyTarget, tokens: Array) -> tuple[Array, Array]:
+    """What a scorer would compute for sampled tokens [B, L]: (sequence ids [B], log P [B])."""
+    ids = sequence_id(tokens, problem.vocab_size)
+    return ids, problem.base_logp[ids] + target.log_potential[ids]
+
+
 # --- exact metrics ------------------------------------------------------------
 
 METRICS = ("kl_p_pi", "kl_pi_p", "js", "tv", "alignment", "kl_pi_a", "entropy")

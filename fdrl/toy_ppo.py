@@ -54,8 +54,7 @@ def train_step(config, problem: toy.ToyProblem, target: toy.ToyTarget, optimizer
     mask = jnp.ones(tokens.shape, bool)
     old_logp = toy.token_logp(problem, family, state.params, tokens)
     ref_logp = toy.token_logp(problem, "tabular", {"logits": problem.base_logits}, tokens)
-    ids = toy.sequence_id(tokens, v)
-    log_P = problem.base_logp[ids] + target.log_potential[ids]
+    ids, log_P = toy.score(problem, target, tokens)
     log_z = estimators.log_z_update(state.log_z, log_P, jnp.sum(old_logp, 1))
     log_Z = estimators.log_z_value(log_z)
 

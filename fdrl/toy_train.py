@@ -99,9 +99,7 @@ def train_step(config, problem: toy.ToyProblem, target: toy.ToyTarget, optimizer
     sampler_params = state.proposal_params if off_policy else state.params
     tokens, sampler_logp = toy.sample(problem, config.family, sampler_params, sample_key, config.batch_size)
 
-    # Score the samples (a table look-up stands in for a scorer).
-    ids = toy.sequence_id(tokens, problem.vocab_size)
-    log_P = problem.base_logp[ids] + target.log_potential[ids]
+    _, log_P = toy.score(problem, target, tokens)  # a table look-up stands in for a scorer
     log_z = estimators.log_z_update(state.log_z, log_P, sampler_logp)
     log_Z = estimators.log_z_value(log_z)
     baseline_fn = functools.partial(estimators.compute_baseline, config.baseline, state.baseline)
@@ -143,8 +141,7 @@ def _one_batch_log_Z(config, problem, target, state: ToyTrainState) -> Array:
     """The log Z estimate from one batch of the initial proposal (step 0's value)."""
     key = jax.random.fold_in(state.key, 1)
     tokens, sampler_logp = toy.sample(problem, config.family, state.proposal_params, key, config.batch_size)
-    ids = toy.sequence_id(tokens, problem.vocab_size)
-    log_P = problem.base_logp[ids] + target.log_potential[ids]
+    _, log_P = toy.score(problem, target, tokens)
     return estimators.log_z_value(estimators.log_z_update(estimators.log_z_init(), log_P, sampler_logp))
 
 
