@@ -42,6 +42,11 @@ class LogZState(NamedTuple):
     count: Array  # [] float32 (exact up to 2^24 samples)
 
 
+def log_target_weights(log_P: Array, proposal_logp: Array) -> Array:
+    """log(P(x)/q(x)), with P = 0 staying −inf whatever q is (never −inf − (−inf))."""
+    return jnp.where(log_P == -jnp.inf, -jnp.inf, log_P - proposal_logp)
+
+
 def log_z_init(num_contexts: int | None = None) -> LogZState:
     """One running Z, or one Z_c per context (conditional targets, CDPG)."""
     shape = () if num_contexts is None else (num_contexts,)
@@ -61,7 +66,7 @@ def log_z_update(state: LogZState, log_P: Array, proposal_logp: Array, context_i
     proposal_logp = jnp.asarray(proposal_logp, jnp.float32)
     if log_P.ndim != 1 or log_P.shape != proposal_logp.shape:
         raise ValueError(f"log_P and proposal_logp must both be [B]; got {log_P.shape} and {proposal_logp.shape}")
-    log_w = jnp.where(log_P == -jnp.inf, -jnp.inf, log_P - proposal_logp)
+    log_w = log_target_weights(log_P, proposal_logp)
     if state.log_sum.ndim == 0:
         if context_ids is not None:
             raise ValueError("context_ids given but the log Z state is not per-context (log_z_init(num_contexts))")

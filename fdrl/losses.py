@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from fdrl import divergences
-from fdrl.estimators import weighted_mean
+from fdrl.estimators import log_target_weights, weighted_mean
 
 Array = jax.Array
 
@@ -142,8 +142,8 @@ def fdpg_loss(
 
     if log_Z is None:
         # log Σ s·P/q − log Σ s: the batch estimate of Z.
-        log_target_weight = jnp.where(log_P == -jnp.inf, -jnp.inf, log_P - proposal)
-        log_Z = jax.nn.logsumexp(log_target_weight, b=sample_weight) - jnp.log(jnp.maximum(jnp.sum(sample_weight), 1e-30))
+        log_Z = (jax.nn.logsumexp(log_target_weights(log_P, proposal), b=sample_weight)
+                 - jnp.log(jnp.maximum(jnp.sum(sample_weight), 1e-30)))
     log_Z = jax.lax.stop_gradient(jnp.asarray(log_Z, jnp.float32))
 
     u, log_p = log_ratio(behaviour_logp, log_P, log_Z, max_abs_u)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fdrl.estimators import log_target_weights
 from fdrl.losses import log_ratio
 
 Array = jax.Array
@@ -37,7 +38,7 @@ _U_CLIP = 30.0
 def divergence_estimates(policy_logp: Array, log_P: Array, log_Z: Array, ref_logp: Array) -> dict:
     """Estimates from on-policy samples. All inputs [B] (log_Z [] or [B])."""
     u, _ = log_ratio(policy_logp, log_P, log_Z, _U_CLIP)
-    log_snis = jax.nn.log_softmax(jnp.where(log_P == -jnp.inf, -jnp.inf, log_P - policy_logp))
+    log_snis = jax.nn.log_softmax(log_target_weights(log_P, policy_logp))
     snis = jnp.exp(log_snis)
     finite = jnp.any(log_P > -jnp.inf)
     kl_p_pi = jnp.sum(jnp.where(snis > 0, snis * (jnp.where(snis > 0, log_snis, 0.0) + jnp.log(log_P.shape[0])), 0.0))

@@ -180,7 +180,7 @@ def update(config, graphdef, optimizer, ref_params, state: LMTrainState, prompt,
     proposal_params, swapped = state.proposal_params, jnp.array(False)
     if config.proposal == "offpolicy":
         # DPG: q ← π when KL(p‖π) < KL(p‖q), both by SNIS over the batch drawn from q.
-        snis = jax.nn.softmax(jnp.where(log_P == -jnp.inf, -jnp.inf, log_P - proposal_logp))
+        snis = jax.nn.softmax(estimators.log_target_weights(log_P, proposal_logp))
         kl_p_pi = -jnp.sum(jnp.where(snis > 0, snis * policy_logp, 0.0))  # up to the same constant
         kl_p_q = -jnp.sum(jnp.where(snis > 0, snis * proposal_logp, 0.0))
         swapped = kl_p_pi < kl_p_q
