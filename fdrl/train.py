@@ -29,8 +29,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fdrl import data, divergences, estimators, metrics, ppo, scorers
+from fdrl import data, divergences, estimators, metrics, ppo, scorers, sharding
 from fdrl.losses import fdpg_loss
+from fdrl.optim import make_optimizer
 from fdrl.models import gguf_loader, llama, tokenizer as tokenizer_lib
 from fdrl.sampling import Sampler
 
@@ -68,17 +69,24 @@ class Task(NamedTuple):
 
 # --- building -------------------------------------------------------------------
 
-def build_model(config):
-    """(model, tokenizer) for config.model: "smollm2" (GGUF) or "tiny" (random, SmolLM2's tokenizer)."""
+def build_model(config, shardings=None):
+    """(graphdef, params, model config, tokenizer) for config.model: "smollm2" (GGUF) or
+    "tiny" (random, SmolLM2's tokenizer). `shardings` (abstract State -> shardings)
+    places the parameters on a mesh as they are created or loaded."""
     value_head = config.algo != "fdpg"  # PPO's critic
     if config.model == "smollm2":
-        return gguf_loader.load_gguf(config.get("gguf_path") or None, param_dtype=config.param_dtype,
-                                     compute_dtype=config.compute_dtype, value_head=value_head)
+        model, tok = gguf_loader.load_gguf(config.get("gguf_path") or None, param_dtype=config.param_dtype,
+                                           compute_dtype=config.compute_dtype, value_head=value_head,
+                                           shardings=shardings)
+        graphdef, params = nnx.split(model)
+        return graphdef, params, model.config, tok
     if config.model == "tiny":
         tok = gguf_loader.load_tokenizer(config.get("gguf_path") or None)
         model_config = llama.LlamaConfig.tiny(vocab_size=tok.vocab_size, param_dtype=config.param_dtype,
                                               compute_dtype=config.compute_dtype, value_head=value_head)
-        return llama.Llama(model_config, rngs=nnx.Rngs(config.model_seed)), tok
+        graphdef, params = sharding.init_model_params(
+            lambda: llama.Llama(model_config, rngs=nnx.Rngs(config.model_seed)), shardings)
+        return graphdef, params, model_config, tok
     raise ValueError(f"unknown model={config.model!r}; choose 'smollm2' or 'tiny'")
 
 
@@ -110,39 +118,63 @@ def validate(config) -> None:
         raise ValueError(f"learning_rate must be > 0, got {config.learning_rate}")
 
 
-def build_task(config) -> Task:
+def build_task(config, mesh=None, rules=None) -> Task:
+    """Model, tokenizer, prompts, target and sampler; on `mesh` (with parsed `rules`) the
+    reference parameters are loaded onto their shards and the sampler keeps the batch split."""
     validate(config)
-    model, tok = build_model(config)
-    graphdef, ref_params = nnx.split(model)
+    shardings = None if mesh is None else functools.partial(sharding.param_shardings, mesh=mesh, rules=rules)
+    graphdef, ref_params, model_config, tok = build_model(config, shardings)
     prompts = data.load_prompts(config.prompts, limit=config.get("num_prompts") or None)
     system = config.get("system_prompt") or None
     texts = [tokenizer_lib.chat_prompt(p, system=system) if config.chat_template else p for p in prompts]
-    sampler = Sampler(graphdef, model.config, max_new_tokens=config.max_new_tokens, eos_id=tok.eos_id,
-                      pad_id=tok.pad_id, top_k=config.top_k)
+    sampler = make_sampler(config, graphdef, model_config, tok, mesh, rules)
     prompt_tokens, prompt_valid = sampler.pad(tok.encode_batch(texts))
-    return Task(graphdef, ref_params, model.config, tok, prompts, prompt_tokens, prompt_valid,
+    return Task(graphdef, ref_params, model_config, tok, prompts, prompt_tokens, prompt_valid,
                 build_target(config), sampler)
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
-    parts = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip > 0 else []
-    return optax.chain(*parts, optax.adam(config.learning_rate))
+def make_sampler(config, graphdef, model_config, tok, mesh=None, rules=None) -> Sampler:
+    return Sampler(graphdef, model_config, max_new_tokens=config.max_new_tokens, eos_id=tok.eos_id,
+                   pad_id=tok.pad_id, top_k=config.top_k,
+                   out_sharding=None if mesh is None else sharding.batch_sharding(mesh, rules, 2))
 
 
-def init_state(config, task: Task, optimizer) -> LMTrainState:
-    params = task.ref_params
+def init_state(config, num_contexts: int, optimizer, ref_params) -> LMTrainState:
+    """The initial train state as a pure function of the reference parameters (jitted
+    with out_shardings by the Trainer, so it is created on its shards)."""
     # The policy gets its own buffers: the update donates them, the reference stays.
-    params = jax.tree.map(jnp.copy, params)
+    params = jax.tree.map(jnp.copy, ref_params)
     return LMTrainState(
         params=params,
         opt_state=optimizer.init(params),
-        proposal_params=jax.tree.map(jnp.copy, params) if config.proposal == "offpolicy" else None,
-        log_z=estimators.log_z_init(len(task.prompts) if config.conditional else None),
+        proposal_params=jax.tree.map(jnp.copy, ref_params) if config.proposal == "offpolicy" else None,
+        log_z=estimators.log_z_init(num_contexts if config.conditional else None),
         baseline=estimators.baseline_init(config.baseline_window),
         key=jax.random.PRNGKey(config.seed),
         step=jnp.array(0, jnp.int32),
         kl=ppo.kl_controller_init(config.ppo.kl_beta) if config.algo == "ppo" else None,
     )
+
+
+def state_shardings(abstract_state: LMTrainState, optimizer, params_shardings, mesh) -> LMTrainState:
+    """Shardings of every leaf of the train state: parameters (and the proposal) by the
+    rules, optimiser state like its parameters, everything else replicated."""
+    rep = sharding.replicated(mesh)
+
+    def replicate(tree):
+        return jax.tree.map(lambda _: rep, tree)
+
+    return LMTrainState(
+        params=params_shardings,
+        opt_state=sharding.optimizer_shardings(optimizer, abstract_state.opt_state, params_shardings, mesh),
+        proposal_params=None if abstract_state.proposal_params is None else params_shardings,
+        log_z=replicate(abstract_state.log_z), baseline=replicate(abstract_state.baseline),
+        key=rep, step=rep, kl=None if abstract_state.kl is None else replicate(abstract_state.kl))
+
+
+def _advance_key(state: LMTrainState) -> LMTrainState:
+    """The state's key moves on once per step; split(key)[1] drew that step's samples."""
+    return state._replace(key=jax.random.split(state.key)[0])
 
 
 # --- the step ---------------------------------------------------------------------
@@ -154,6 +186,7 @@ def _is_pure_sampling(config) -> bool:
 def update(config, graphdef, optimizer, ref_params, state: LMTrainState, prompt, prompt_valid, completion, mask,
            sampler_logp, log_potential, context_ids):
     """The jitted part of a step. Returns (state, scalars)."""
+    state = _advance_key(state)
     div = divergences.get_divergence(config.f, alpha=config.get("alpha"))
     ref_tok, _ = llama.continuation_logp(graphdef, ref_params, prompt, prompt_valid, completion, mask)
     ref_logp = jnp.sum(ref_tok, axis=1)
@@ -203,6 +236,7 @@ def ppo_update(config, graphdef, optimizer, ref_params, state: LMTrainState, pro
     Rewards per token (fdrl.ppo), GAE with the value head, then `ppo.epochs` ×
     `ppo.minibatches` clipped updates of policy and value head as a lax.scan.
     """
+    state = _advance_key(state)
     pc = config.ppo
     args = (prompt, prompt_valid, completion, mask)
     ref_tok, _ = llama.continuation_logp(graphdef, ref_params, *args)
@@ -257,21 +291,77 @@ def ppo_update(config, graphdef, optimizer, ref_params, state: LMTrainState, pro
     return state, scalars
 
 
+def jit_update(config, graphdef, optimizer, params_shardings, train_state_shardings, mesh, rules):
+    """The update (f-DPG or PPO by config.algo) compiled once over the mesh: arguments
+    (reference params, train state, prompt, prompt_valid, completion, mask, sampler_logp
+    [B, ·], log_potential, context_ids [B]) with their shardings, the old state donated."""
+    rows, vector = sharding.batch_sharding(mesh, rules, 2), sharding.batch_sharding(mesh, rules, 1)
+    update_fn = update if config.algo == "fdpg" else ppo_update
+    return jax.jit(functools.partial(update_fn, config, graphdef, optimizer),
+                   in_shardings=(params_shardings, train_state_shardings, rows, rows, rows, rows, rows, vector, vector),
+                   out_shardings=(train_state_shardings, sharding.replicated(mesh)), donate_argnums=(1,))
+
+
+def lower_update(config, model_config: llama.LlamaConfig, mesh, rules, prompt_len: int, num_contexts: int = 1):
+    """The update for `model_config` lowered from abstract shapes alone: no parameter is
+    ever allocated, so a model far larger than this machine compiles
+    (`.compile().memory_analysis()` then gives the bytes per device)."""
+    graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: llama.Llama(model_config, rngs=nnx.Rngs(0))))
+    optimizer = make_optimizer(config)
+    params_shardings = sharding.param_shardings(abstract_params, mesh, rules)
+    abstract_state = jax.eval_shape(functools.partial(init_state, config, num_contexts, optimizer), abstract_params)
+    train_state_shardings = state_shardings(abstract_state, optimizer, params_shardings, mesh)
+    fn = jit_update(config, graphdef, optimizer, params_shardings, train_state_shardings, mesh, rules)
+    b, n = config.batch_size, config.max_new_tokens
+    rows, vector = sharding.batch_sharding(mesh, rules, 2), sharding.batch_sharding(mesh, rules, 1)
+    batch = [jax.ShapeDtypeStruct(shape, dtype, sharding=sh) for shape, dtype, sh in (
+        ((b, prompt_len), jnp.int32, rows), ((b, prompt_len), jnp.bool_, rows), ((b, n), jnp.int32, rows),
+        ((b, n), jnp.bool_, rows), ((b, n), jnp.float32, rows), ((b,), jnp.float32, vector), ((b,), jnp.int32, vector))]
+    return fn.lower(sharding.with_shardings(abstract_params, params_shardings),
+                    sharding.with_shardings(abstract_state, train_state_shardings), *batch)
+
+
 class Trainer:
-    """Holds the built task and the jitted update; `step` and `evaluate` are the loop's parts."""
+    """The built task on a device mesh, and the jitted update; `step` and `evaluate` are the loop's parts.
+
+    The mesh and the rules come from `config.mesh`. The update is compiled once with
+    in/out shardings over the whole train state and donates the old state.
+    """
 
     def __init__(self, config, task: Optional[Task] = None):
         self.config = config
-        self.task = task or build_task(config)
+        validate(config)
+        self.mesh = sharding.mesh_from_config(config.mesh)
+        self.rules = sharding.parse_rules(config.mesh.rules)
+        divisor = sharding.batch_divisor(self.mesh, self.rules)
+        for field in ("batch_size", "eval_batch_size"):
+            if config[field] % divisor:
+                raise ValueError(f"{field}={config[field]} must be divisible by the {divisor} batch shards of "
+                                 f"mesh.shape={tuple(self.mesh.shape.values())} (rule batch -> "
+                                 f"{','.join(self.rules['batch'])})")
+        if task is None:
+            task = build_task(config, self.mesh, self.rules)
+        else:  # a task built elsewhere: its sampler must return batches split over this mesh
+            task = task._replace(sampler=make_sampler(config, task.graphdef, task.model_config, task.tokenizer,
+                                                      self.mesh, self.rules))
         self.optimizer = make_optimizer(config)
-        update_fn = update if config.algo == "fdpg" else ppo_update
-        self._update = jax.jit(functools.partial(update_fn, config, self.task.graphdef, self.optimizer),
-                               donate_argnums=(1,))
+        self.param_shardings = sharding.param_shardings(task.ref_params, self.mesh, self.rules)
+        self.task = task._replace(ref_params=jax.device_put(task.ref_params, self.param_shardings))
+        init = functools.partial(init_state, config, len(task.prompts), self.optimizer)
+        abstract = jax.eval_shape(init, self.task.ref_params)
+        self.state_shardings = state_shardings(abstract, self.optimizer, self.param_shardings, self.mesh)
+        self.abstract_state = sharding.with_shardings(abstract, self.state_shardings)
+        self._init = jax.jit(init, out_shardings=self.state_shardings)
+        self._update = jit_update(config, task.graphdef, self.optimizer, self.param_shardings, self.state_shardings,
+                                  self.mesh, self.rules)
         self._ref_logp = jax.jit(lambda params, *a: jnp.sum(
             llama.continuation_logp(self.task.graphdef, params, *a)[0], axis=1))
 
     def init_state(self) -> LMTrainState:
-        return init_state(self.config, self.task, self.optimizer)
+        return self._init(self.task.ref_params)
+
+    def shard_batch(self, *arrays):
+        return sharding.shard_batch(self.mesh, self.rules, *arrays)
 
     def fit_target(self, key: Array) -> Optional[dict]:
         """Fits λ of distributional terms on samples from the base model a."""
@@ -285,24 +375,25 @@ class Trainer:
         return dict(lam=np.asarray(fit.lam).tolist(), moments=np.asarray(fit.moments).tolist(), num_samples=len(texts))
 
     def sample(self, params, key, batch_size, temperature=None, top_p=None):
+        """Draws contexts and samples completions; returns (prompt, valid, SampleOutput, context ids),
+        all split over the mesh's batch axes."""
         k_ctx, k_sample = jax.random.split(key)
-        ctx = jax.random.randint(k_ctx, (batch_size,), 0, len(self.task.prompts))
-        prompt = jnp.asarray(self.task.prompt_tokens)[ctx]
-        valid = jnp.asarray(self.task.prompt_valid)[ctx]
+        ctx = np.asarray(jax.random.randint(k_ctx, (batch_size,), 0, len(self.task.prompts)), np.int32)
+        prompt, valid, ctx_ids = self.shard_batch(self.task.prompt_tokens[ctx], self.task.prompt_valid[ctx], ctx)
         out = self.task.sampler(params, prompt, valid, k_sample,
                                 temperature=self.config.temperature if temperature is None else temperature,
                                 top_p=self.config.top_p if top_p is None else top_p)
-        return prompt, valid, out, ctx
+        return prompt, valid, out, ctx_ids
 
     def decode(self, out) -> list[str]:
-        return self.task.tokenizer.decode_batch(out.tokens, out.mask)
+        return self.task.tokenizer.decode_batch(sharding.to_host(out.tokens), sharding.to_host(out.mask))
 
     def step(self, state: LMTrainState):
-        key, step_key = jax.random.split(state.key)
-        state = state._replace(key=key)
+        """Samples, scores on the host, then the jitted update (which advances state.key)."""
+        step_key = jax.random.split(state.key)[1]
         sampler_params = state.params if state.proposal_params is None else state.proposal_params
         prompt, valid, out, ctx = self.sample(sampler_params, step_key, self.config.batch_size)
-        log_potential = jnp.asarray(self.task.target.log_potential(self.decode(out)))
+        log_potential = self.shard_batch(np.asarray(self.task.target.log_potential(self.decode(out)), np.float32))
         return self._update(self.task.ref_params, state, prompt, valid, out.tokens, out.mask, out.logp,
                             log_potential, ctx)
 
@@ -325,7 +416,7 @@ class Trainer:
         result["alignment"] = float(np.mean(self.task.target.score(texts)))
         result["log_Z"] = float(jnp.mean(log_Z))
         result.update(metrics.diversity(texts))
-        prompts = [self.task.prompts[int(i)] for i in ctx]
+        prompts = [self.task.prompts[int(i)] for i in sharding.to_host(ctx)]
         return result, prompts, texts
 
 
@@ -382,17 +473,31 @@ class _Writers:
             self._tb.close()
 
 
+class _NoWriters:
+    def write(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+def _quiet(*args, **kwargs):
+    pass
+
+
 def train_and_evaluate(config, task: Optional[Task] = None, log=print) -> dict:
     """Runs (or resumes) training; returns {"history": [...eval dicts], "state": final state, ...}."""
     from tqdm import tqdm
 
     trainer = Trainer(config, task)
+    main_process = jax.process_index() == 0  # multi-host: every process trains, one logs and writes files
+    if not main_process:
+        log = _quiet
     workdir = config.workdir
     os.makedirs(workdir, exist_ok=True)
-    manager = _checkpoint_manager(workdir)
+    manager = _checkpoint_manager(workdir)  # orbax: every process writes its own shards
     target_file = os.path.join(workdir, "target.json")
 
-    state = trainer.init_state()
     latest = manager.latest_step()
     if latest is not None and not config.resume:
         raise FileExistsError(f"{workdir} already holds checkpoints up to step {latest}: pass --config.resume=True "
@@ -400,7 +505,8 @@ def train_and_evaluate(config, task: Optional[Task] = None, log=print) -> dict:
     if config.resume and latest is None:
         log(f"resume requested but {workdir} holds no checkpoint: starting from step 0")
     if config.resume and latest is not None:
-        state = restore_checkpoint(manager, state)  # the fresh state is the restore target
+        # Restored straight onto this run's mesh, which may differ from the one that saved it.
+        state = restore_checkpoint(manager, trainer.abstract_state)
         if os.path.exists(target_file):
             lam = json.load(open(target_file)).get("lam")
             if lam is not None:
@@ -409,12 +515,14 @@ def train_and_evaluate(config, task: Optional[Task] = None, log=print) -> dict:
                         t.lam = np.asarray(lam, np.float32)
         log(f"resumed from step {int(state.step)} in {workdir}")
     else:
+        state = trainer.init_state()
         fit = trainer.fit_target(jax.random.PRNGKey(config.seed + 1))
-        if fit is not None:
+        if fit is not None:  # every process fits the same λ on the same (gathered) samples
             log(f"fitted λ={fit['lam']} on {fit['num_samples']} base samples (moments {fit['moments']})")
-            json.dump(fit, open(target_file, "w"))
+            if main_process:
+                json.dump(fit, open(target_file, "w"))
 
-    writers = _Writers(workdir, append=int(state.step) > 0)
+    writers = _Writers(workdir, append=int(state.step) > 0) if main_process else _NoWriters()
     eval_key = jax.random.PRNGKey(config.seed + 2)
     history, last_samples = [], []
 
@@ -430,7 +538,8 @@ def train_and_evaluate(config, task: Optional[Task] = None, log=print) -> dict:
         values, samples = run_eval()
         log("samples before training:\n  " + "\n  ".join(samples))
     start = time.time()
-    with tqdm(total=config.steps, initial=int(state.step), disable=not config.progress_bar, desc="f-DPG") as bar:
+    with tqdm(total=config.steps, initial=int(state.step), disable=not (config.progress_bar and main_process),
+              desc="f-DPG") as bar:
         while int(state.step) < config.steps:
             state, scalars = trainer.step(state)
             scalars = {k: float(v) for k, v in scalars.items()}  # blocks on the step: no runaway dispatch

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Optional
+from typing import Callable, Optional
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from fdrl.models.llama import Llama, LlamaConfig
+from fdrl.sharding import put_global
 from fdrl.models.tokenizer import Tokenizer
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -112,8 +112,13 @@ def params_from_tensors(tensors: dict[str, np.ndarray], config: LlamaConfig) -> 
 
 
 def load_gguf(path: Optional[str] = None, *, value_head: bool = False, param_dtype: str = "float32",
-              compute_dtype: str = "float32", seed: int = 0):
+              compute_dtype: str = "float32", seed: int = 0, shardings: Optional[Callable] = None):
     """Loads a llama GGUF (SmolLM2 by default) into our model.
+
+    Args:
+      shardings: optional function from the abstract parameter State to a State
+        of NamedShardings (fdrl.sharding.param_shardings): each weight goes from
+        the host straight to its shards, never as a whole on one device.
 
     Returns:
       (model: Llama, tokenizer: Tokenizer). A value head, if asked for, is
@@ -125,16 +130,18 @@ def load_gguf(path: Optional[str] = None, *, value_head: bool = False, param_dty
     loaded = params_from_tensors(read_tensors(reader), config)
     abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(seed)))
     graphdef, state = nnx.split(abstract)
+    placement = nnx.to_pure_dict(shardings(state)) if shardings is not None else None
     pure = nnx.to_pure_dict(state)
     dtype = jnp.dtype(param_dtype)
+    if value_head:
+        rng = np.random.default_rng(seed)
+        loaded["value_w"] = 0.02 * rng.standard_normal(pure["value_w"].shape, np.float32)
+        loaded["value_b"] = np.zeros(pure["value_b"].shape, np.float32)
     for name, array in loaded.items():
         if tuple(pure[name].shape) != array.shape:
             raise ValueError(f"GGUF tensor for {name} has shape {array.shape}, model expects {pure[name].shape}")
-        pure[name] = jnp.asarray(array, dtype)
-    if value_head:
-        key = jax.random.PRNGKey(seed)
-        pure["value_w"] = 0.02 * jax.random.normal(key, pure["value_w"].shape, dtype)
-        pure["value_b"] = jnp.zeros(pure["value_b"].shape, dtype)
+        array = np.asarray(array).astype(dtype)
+        pure[name] = jnp.asarray(array) if placement is None else put_global(array, placement[name])
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state), Tokenizer.from_gguf(reader)
 

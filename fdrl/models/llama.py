@@ -56,6 +56,14 @@ class LlamaConfig:
         return cls(**overrides)
 
     @classmethod
+    def llama_1b(cls, **overrides) -> "LlamaConfig":
+        """Llama-3.2-1B shapes (1.24B parameters, tied embeddings): for compile-only tests."""
+        base = dict(vocab_size=128256, hidden_dim=2048, num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
+                    ffn_dim=8192, rope_theta=500_000.0)
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
     def tiny(cls, **overrides) -> "LlamaConfig":
         """A random model for tests: 2 layers, hidden 32, 4 heads / 2 KV heads."""
         base = dict(vocab_size=97, hidden_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
