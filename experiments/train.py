@@ -2,6 +2,12 @@ r"""Trains one configuration and prints its final metrics.
 
   python experiments/train.py --config=configs/toy.py --config.f=js
   python experiments/train.py --config=configs/toy.py:smoke --config.target=rlhf --config.f=rkl
+  python experiments/train.py --config=configs/smollm2_sentiment.py --config.mesh.shape="(1,-1,1)"   # FSDP
+
+Multi-host (one process per host, same command on each):
+  python experiments/train.py --config=... --distributed                      # TPU pod / SLURM: auto-detected
+  python experiments/train.py --config=... --distributed --coordinator_address=host0:1234 \
+      --num_processes=2 --process_id=0                                       # anything else
 
 Writes the metric history to <workdir>/train_<target>_<family>_<f>.json.
 """
@@ -16,10 +22,32 @@ import common  # noqa: F401  (puts the repo on sys.path)
 from fdrl import toy_train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/toy.py", "Experiment config file[:variant].")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() before anything else "
+                                 "(multi-host GPU/TPU). Without the three flags below it auto-detects the cluster "
+                                 "(Cloud TPU, SLURM, Open MPI, Kubernetes).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --distributed).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --distributed).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes).")
+
+
+def initialize_distributed():
+    """jax.distributed.initialize from the flags: every process then sees the devices of
+    all hosts, the mesh spans them, and orbax writes checkpoints from all of them."""
+    given = dict(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                 process_id=_PROCESS_ID.value)
+    if not _DISTRIBUTED.value:
+        if any(v is not None for v in given.values()):
+            raise ValueError("--coordinator_address/--num_processes/--process_id need --distributed")
+        return
+    import jax
+    jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None})
+    print(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local devices, "
+          f"{jax.device_count()} in all", flush=True)
 
 
 def main(argv):
     del argv
+    initialize_distributed()
     config = _CONFIG.value
     task = config.get("task", "toy")
     if task == "lm":
@@ -52,7 +80,11 @@ def lm_main(config):
     """f-DPG on SmolLM2 (or the tiny model): samples before/after, metric table, plot."""
     from fdrl import train
 
+    import jax
+
     out = train.train_and_evaluate(config)
+    if jax.process_index() != 0:  # one process reports and writes the summary
+        return
     history = out["history"]
     print("samples after training:\n  " + "\n  ".join(out["samples"]))
     first, last = history[0], history[-1]

@@ -43,6 +43,7 @@ class LlamaConfig:
     value_head: bool = False
     param_dtype: str = "float32"
     compute_dtype: str = "float32"  # activations; logits and log-probs are always float32
+    unroll_layers: bool = False  # unroll the layer scan: XLA's cost analysis then counts every layer
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -183,11 +184,12 @@ class Llama(nnx.Module):
             x = x + (jax.nn.silu(h @ w_gate) * (h @ w_up)) @ w_down
             return x, (cache_k, cache_v)
 
+        unroll = c.num_layers if c.unroll_layers else 1
         if cache is None:
-            x, _ = jax.lax.scan(lambda x, p: layer(x, (p, None, None)), x, layer_params)
+            x, _ = jax.lax.scan(lambda x, p: layer(x, (p, None, None)), x, layer_params, unroll=unroll)
             new_cache = None
         else:
-            x, (new_k, new_v) = jax.lax.scan(layer, x, (layer_params, cache.k, cache.v))
+            x, (new_k, new_v) = jax.lax.scan(layer, x, (layer_params, cache.k, cache.v), unroll=unroll)
             new_cache = KVCache(new_k, new_v, key_valid)
 
         if last_only:
