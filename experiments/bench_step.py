@@ -38,9 +38,13 @@ _BATCH = flags.DEFINE_integer("batch", 32, "Samples per step.")
 _NEW = flags.DEFINE_integer("new_tokens", 32, "New tokens per sample.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (median).")
 _OUT = flags.DEFINE_string("out", "experiments/results", "Output folder.")
+_REMAT = flags.DEFINE_bool("remat", False, "Recompute each layer in the backward pass (config.remat).")
 _MESH = flags.DEFINE_bool("mesh", False, "Compare the sharded train step on 1 and --devices devices (each in a "
                           "subprocess; on a CPU host the devices are faked with XLA_FLAGS) for both models.")
-_DEVICES = flags.DEFINE_integer("devices", 8, "Devices of the --mesh comparison (a 1-D data mesh).")
+_DEVICES = flags.DEFINE_integer("devices", 8, "Devices of the --mesh comparison.")
+_MESH_SHAPE = flags.DEFINE_string("mesh_shape", "1,-1,1", "data,fsdp,tensor of the many-device run (-1 = the "
+                                  "rest). FSDP by default: on one CPU host all fake devices share its memory, and "
+                                  "8 data-parallel replicas of SmolLM2's state do not fit in 24 GB.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per --mesh measurement (median).")
 _WORKER = flags.DEFINE_string("worker", "", "Internal: run one --mesh measurement with this mesh shape, print JSON.")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Accelerator peak TFLOP/s for MFU; 0 = look up the device kind.")
@@ -124,6 +128,8 @@ def mesh_compare():
     import subprocess
     import sys
 
+    from fdrl import sharding
+
     backend = jax.default_backend()
     rate = matmul_rate(_REPEATS.value)
     rows, raw = [], []
@@ -135,7 +141,8 @@ def mesh_compare():
                 env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
             elif devices > jax.device_count():
                 continue
-            shape = (devices, 1, 1)
+            shape = (1, 1, 1) if devices == 1 else sharding.mesh_shape(
+                [int(x) for x in _MESH_SHAPE.value.split(",")], devices)
             cmd = [sys.executable, __file__, f"--model={model}", f"--worker={','.join(map(str, shape))}",
                    f"--batch={_BATCH.value}", f"--new_tokens={_NEW.value}", f"--steps={_STEPS.value}"]
             if backend != "cpu":
@@ -143,7 +150,8 @@ def mesh_compare():
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             if done.returncode or not lines:
-                raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+                raise RuntimeError(f"{' '.join(cmd)} failed with exit status {done.returncode}:\n"
+                                   f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
             r = json.loads(lines[-1][len("RESULT "):])
             raw.append(dict(model=model, **r))
             base = base or r
@@ -153,11 +161,11 @@ def mesh_compare():
             else:
                 peak = _PEAK.value or PEAK_TFLOPS["bfloat16"].get(r["device_kind"], 0.0)
                 fraction = f"MFU {achieved / (peak * 1e12 * devices):.1%}" if peak else "(peak unknown)"
-            rows.append([model, f"{devices}×1×1", f"{r['update_seconds']:.3f}",
+            rows.append([model, "×".join(map(str, shape)), f"{r['update_seconds']:.3f}",
                          f"{base['update_seconds'] / r['update_seconds']:.2f}×", f"{r['step_seconds']:.3f}",
                          f"{r['update_flops'] / 1e9:.1f}", f"{achieved / 1e9:.1f}", fraction])
     lines = [f"# Sharded f-DPG step: 1 vs {_DEVICES.value} devices", "",
-             f"Command: `python experiments/bench_step.py --mesh` (batch {_BATCH.value} × {_NEW.value} new tokens, "
+             f"Command: `python experiments/bench_step.py --mesh --steps={_STEPS.value} --batch={_BATCH.value}` (batch {_BATCH.value} × {_NEW.value} new tokens, "
              f"on-policy js, float32; median of {_STEPS.value} steps after the compile).", "",
              f"Host: {jax.devices()[0].device_kind}, backend {backend}, {os.cpu_count()} cores, jax {jax.__version__}. "
              f"Reference rate: 2048³ float32 matmul under jit = {rate / 1e9:.1f} GFLOP/s (this run).", "",
@@ -188,7 +196,7 @@ def main(argv):
         return mesh_compare()
     config = smollm2_sentiment.get_config()
     config.update(dict(model=_MODEL.value, batch_size=_BATCH.value, max_new_tokens=_NEW.value, f="js",
-                       progress_bar=False))
+                       progress_bar=False, remat=_REMAT.value))
     trainer = train.Trainer(config)
     task, state = trainer.task, trainer.init_state()
     graphdef = task.graphdef

@@ -30,6 +30,7 @@ import optax
 from flax import nnx
 
 from fdrl import data, divergences, estimators, metrics, ppo, scorers, sharding
+from fdrl.checkpoint import checkpoint_manager, restore_checkpoint, save_checkpoint
 from fdrl.losses import fdpg_loss
 from fdrl.optim import make_optimizer
 from fdrl.models import gguf_loader, llama, tokenizer as tokenizer_lib
@@ -77,13 +78,14 @@ def build_model(config, shardings=None):
     if config.model == "smollm2":
         model, tok = gguf_loader.load_gguf(config.get("gguf_path") or None, param_dtype=config.param_dtype,
                                            compute_dtype=config.compute_dtype, value_head=value_head,
-                                           shardings=shardings)
+                                           shardings=shardings, remat=config.get("remat", False))
         graphdef, params = nnx.split(model)
         return graphdef, params, model.config, tok
     if config.model == "tiny":
         tok = gguf_loader.load_tokenizer(config.get("gguf_path") or None)
         model_config = llama.LlamaConfig.tiny(vocab_size=tok.vocab_size, param_dtype=config.param_dtype,
-                                              compute_dtype=config.compute_dtype, value_head=value_head)
+                                              compute_dtype=config.compute_dtype, value_head=value_head,
+                                              remat=config.get("remat", False))
         graphdef, params = sharding.init_model_params(
             lambda: llama.Llama(model_config, rngs=nnx.Rngs(config.model_seed)), shardings)
         return graphdef, params, model_config, tok
@@ -422,26 +424,6 @@ class Trainer:
 
 # --- the loop ---------------------------------------------------------------------
 
-def _checkpoint_manager(workdir: str):
-    import orbax.checkpoint as ocp
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                                 options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
-
-
-def save_checkpoint(manager, state: LMTrainState) -> None:
-    import orbax.checkpoint as ocp
-    manager.save(int(state.step), args=ocp.args.StandardSave(state))
-    manager.wait_until_finished()
-
-
-def restore_checkpoint(manager, abstract_state: LMTrainState, step: Optional[int] = None) -> LMTrainState:
-    import orbax.checkpoint as ocp
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint to resume from in {manager.directory}")
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-
-
 class _Writers:
     """metrics.jsonl and TensorBoard event files in the workdir."""
 
@@ -495,7 +477,7 @@ def train_and_evaluate(config, task: Optional[Task] = None, log=print) -> dict:
         log = _quiet
     workdir = config.workdir
     os.makedirs(workdir, exist_ok=True)
-    manager = _checkpoint_manager(workdir)  # orbax: every process writes its own shards
+    manager = checkpoint_manager(workdir)  # orbax: every process writes its own shards
     target_file = os.path.join(workdir, "target.json")
 
     latest = manager.latest_step()

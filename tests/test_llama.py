@@ -1,3 +1,5 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,3 +83,23 @@ def test_config_errors():
     with pytest.raises(ValueError, match="shapes disagree"):
         config = llama.LlamaConfig.tiny()
         llama.Llama(config, rngs=nnx.Rngs(0))(jnp.zeros((1, 3), jnp.int32), jnp.ones((1, 4), bool))
+
+
+@pytest.mark.parametrize("field", ["remat", "unroll_layers"])
+def test_remat_and_unrolled_layers_give_the_same_gradients(tiny, field):
+    import dataclasses
+
+    config, graphdef, params = tiny
+    other = nnx.split(nnx.eval_shape(lambda: llama.Llama(dataclasses.replace(config, **{field: True}),
+                                                         rngs=nnx.Rngs(0))))[0]
+    prompt = jax.random.randint(jax.random.PRNGKey(1), (3, 4), 0, config.vocab_size)
+    completion = jax.random.randint(jax.random.PRNGKey(2), (3, 5), 0, config.vocab_size)
+    ones = lambda x: jnp.ones(x.shape, bool)  # noqa: E731
+
+    def loss(g, p):
+        return jnp.sum(llama.continuation_logp(g, p, prompt, ones(prompt), completion, ones(completion))[0])
+
+    expected = jax.grad(functools.partial(loss, graphdef))(params)
+    got = jax.jit(jax.grad(functools.partial(loss, other)))(params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -118,7 +118,7 @@ def test_parameters_and_optimizer_state_are_sharded_by_the_rules(tmp_path):
 def test_checkpoint_restores_onto_another_mesh(tmp_path):
     saver = train.Trainer(config_on((8, 1, 1), tmp_path / "run"))
     state, _ = run_steps(saver, saver.init_state(), 1)
-    manager = train._checkpoint_manager(str(tmp_path / "run"))
+    manager = train.checkpoint_manager(str(tmp_path / "run"))
     train.save_checkpoint(manager, state)
     _, expected = run_steps(saver, jax.tree.map(lambda x: x.copy(), state), 1)
     for shape in [(1, 1, 1), (2, 4, 1)]:
@@ -170,3 +170,18 @@ def test_ahead_of_time_compile_of_a_1b_model_from_abstract_shapes(capsys):
     with capsys.disabled():
         print(f"\n1.24B Llama f-DPG step on mesh 1x8x1: per device arguments {per_device / 2**30:.2f} GiB, "
               f"temporaries {memory.temp_size_in_bytes / 2**30:.2f} GiB")
+
+
+def test_ppo_step_on_a_mesh_equals_one_device(tmp_path):
+    """PPO's update (value head, GAE, a scan over shuffled minibatches) shards the same way."""
+    results = []
+    for shape in [(1, 1, 1), (2, 2, 2)]:
+        config = config_on(shape, tmp_path / "x".join(map(str, shape)), algo="ppo")
+        config.adam.eps = EPS
+        trainer = train.Trainer(config)
+        state, losses = run_steps(trainer, trainer.init_state(), 1)
+        results.append((losses, host_leaves(state.params)))
+    (one_losses, one_params), (losses, params) = results
+    np.testing.assert_allclose(losses, one_losses, rtol=1e-5, atol=1e-5)
+    for a, b in zip(params, one_params):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -112,13 +112,14 @@ def params_from_tensors(tensors: dict[str, np.ndarray], config: LlamaConfig) -> 
 
 
 def load_gguf(path: Optional[str] = None, *, value_head: bool = False, param_dtype: str = "float32",
-              compute_dtype: str = "float32", seed: int = 0, shardings: Optional[Callable] = None):
+              compute_dtype: str = "float32", seed: int = 0, shardings: Optional[Callable] = None, **overrides):
     """Loads a llama GGUF (SmolLM2 by default) into our model.
 
     Args:
       shardings: optional function from the abstract parameter State to a State
         of NamedShardings (fdrl.sharding.param_shardings): each weight goes from
         the host straight to its shards, never as a whole on one device.
+      overrides: further LlamaConfig fields (remat, ...).
 
     Returns:
       (model: Llama, tokenizer: Tokenizer). A value head, if asked for, is
@@ -126,7 +127,8 @@ def load_gguf(path: Optional[str] = None, *, value_head: bool = False, param_dty
     """
     path = path or find_smollm2_gguf()
     reader = _reader(path)
-    config = config_from_gguf(reader, value_head=value_head, param_dtype=param_dtype, compute_dtype=compute_dtype)
+    config = config_from_gguf(reader, value_head=value_head, param_dtype=param_dtype, compute_dtype=compute_dtype,
+                              **overrides)
     loaded = params_from_tensors(read_tensors(reader), config)
     abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(seed)))
     graphdef, state = nnx.split(abstract)

@@ -44,6 +44,7 @@ class LlamaConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"  # activations; logits and log-probs are always float32
     unroll_layers: bool = False  # unroll the layer scan: XLA's cost analysis then counts every layer
+    remat: bool = False  # recompute each layer in the backward pass: activations O(1 layer), +1 forward of FLOPs
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -186,7 +187,10 @@ class Llama(nnx.Module):
 
         unroll = c.num_layers if c.unroll_layers else 1
         if cache is None:
-            x, _ = jax.lax.scan(lambda x, p: layer(x, (p, None, None)), x, layer_params, unroll=unroll)
+            body = lambda x, p: layer(x, (p, None, None))  # noqa: E731
+            if c.remat:  # keep only each layer's input for the backward pass
+                body = jax.checkpoint(body, prevent_cse=False)
+            x, _ = jax.lax.scan(body, x, layer_params, unroll=unroll)
             new_cache = None
         else:
             x, (new_k, new_v) = jax.lax.scan(layer, x, (layer_params, cache.k, cache.v), unroll=unroll)
