@@ -18,7 +18,6 @@ from absl import app, flags
 
 import common
 import jax
-import numpy as np
 from flax import nnx
 
 from fdrl.models import gguf_loader

@@ -38,7 +38,8 @@ _BATCH = flags.DEFINE_integer("batch", 32, "Samples per step.")
 _NEW = flags.DEFINE_integer("new_tokens", 32, "New tokens per sample.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (median).")
 _OUT = flags.DEFINE_string("out", "experiments/results", "Output folder.")
-_REMAT = flags.DEFINE_bool("remat", False, "Recompute each layer in the backward pass (config.remat).")
+_REMAT = flags.DEFINE_bool("remat", True, "Recompute each layer in the backward pass (config.remat; --noremat "
+                           "to save every activation instead).")
 _MESH = flags.DEFINE_bool("mesh", False, "Compare the sharded train step on 1 and --devices devices (each in a "
                           "subprocess; on a CPU host the devices are faked with XLA_FLAGS) for both models.")
 _DEVICES = flags.DEFINE_integer("devices", 8, "Devices of the --mesh comparison.")
@@ -85,7 +86,7 @@ def matmul_rate(repeats: int) -> float:
 def mesh_config(model: str, shape):
     config = smollm2_sentiment.get_config()
     config.update(dict(model=model, batch_size=_BATCH.value, eval_batch_size=_BATCH.value,
-                       max_new_tokens=_NEW.value, f="js", progress_bar=False))
+                       max_new_tokens=_NEW.value, f="js", progress_bar=False, remat=_REMAT.value))
     config.mesh.shape = tuple(shape)
     return config
 
@@ -144,7 +145,8 @@ def mesh_compare():
             shape = (1, 1, 1) if devices == 1 else sharding.mesh_shape(
                 [int(x) for x in _MESH_SHAPE.value.split(",")], devices)
             cmd = [sys.executable, __file__, f"--model={model}", f"--worker={','.join(map(str, shape))}",
-                   f"--batch={_BATCH.value}", f"--new_tokens={_NEW.value}", f"--steps={_STEPS.value}"]
+                   f"--batch={_BATCH.value}", f"--new_tokens={_NEW.value}", f"--steps={_STEPS.value}",
+                   "--remat" if _REMAT.value else "--noremat"]
             if backend != "cpu":
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, range(devices)))
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -165,8 +167,10 @@ def mesh_compare():
                          f"{base['update_seconds'] / r['update_seconds']:.2f}×", f"{r['step_seconds']:.3f}",
                          f"{r['update_flops'] / 1e9:.1f}", f"{achieved / 1e9:.1f}", fraction])
     lines = [f"# Sharded f-DPG step: 1 vs {_DEVICES.value} devices", "",
-             f"Command: `python experiments/bench_step.py --mesh --steps={_STEPS.value} --batch={_BATCH.value}` (batch {_BATCH.value} × {_NEW.value} new tokens, "
-             f"on-policy js, float32; median of {_STEPS.value} steps after the compile).", "",
+             f"Command: `python experiments/bench_step.py --mesh --steps={_STEPS.value} --batch={_BATCH.value}"
+             f"{'' if _REMAT.value else ' --noremat'}` (batch {_BATCH.value} × {_NEW.value} new tokens, "
+             f"on-policy js, float32, remat {'on' if _REMAT.value else 'off'}; median of {_STEPS.value} steps after the "
+             "compile).", "",
              f"Host: {jax.devices()[0].device_kind}, backend {backend}, {os.cpu_count()} cores, jax {jax.__version__}. "
              f"Reference rate: 2048³ float32 matmul under jit = {rate / 1e9:.1f} GFLOP/s (this run).", "",
              common.markdown_table(["model", "mesh", "update s", "speed-up", "whole step s", "update GFLOP",
@@ -264,7 +268,9 @@ def main(argv):
     peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
     lines = [f"# f-DPG step benchmark: {_MODEL.value}, batch {config.batch_size} × {config.max_new_tokens} new tokens, "
-             f"on-policy js", "", f"Command: `python experiments/bench_step.py --model={_MODEL.value}`", "",
+             f"on-policy js{', remat' if _REMAT.value else ''}", "",
+             f"Command: `python experiments/bench_step.py --model={_MODEL.value}{'' if _REMAT.value else ' --noremat'}`",
+             "",
              f"Device: {jax.devices()[0].device_kind} ×{jax.device_count()}, jax {jax.__version__}. "
              f"Reference rate: 2048³ float32 matmul under jit = {peak_flops / 1e9:.1f} GFLOP/s (same run).", ""]
     table = []

@@ -11,7 +11,6 @@ the jitted step. The sample budget per step equals f-DPG's (`batch_size`).
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax

@@ -71,3 +71,20 @@ def test_smollm2_sampler_logp_equals_teacher_forced():
     np.testing.assert_allclose(out.logp, forced, atol=1e-4)
     texts = tok.decode_batch(out.tokens, out.mask)
     assert all(len(t.split()) >= 2 for t in texts), texts  # real words, not byte soup
+
+
+@pytest.mark.slow
+def test_loader_places_weights_straight_onto_their_shards():
+    from jax.sharding import PartitionSpec as P
+
+    from fdrl import sharding
+
+    mesh, rules = sharding.make_mesh((2, 2, 2)), sharding.parse_rules()
+    model, _ = gguf_loader.load_gguf(shardings=lambda abstract: sharding.param_shardings(abstract, mesh, rules))
+    plain, _ = gguf_loader.load_gguf()
+    sharded, params = nnx.state(model), nnx.state(plain)
+    assert sharded["wq"].sharding.spec == P(None, "fsdp", "tensor")  # 576 = 2 × 288 on both
+    assert sharded["embed"].sharding.spec == P("tensor", "fsdp")
+    assert sharded["wk"].addressable_shards[0].data.shape == (30, 288, 96)
+    for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
