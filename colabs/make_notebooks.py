@@ -137,11 +137,14 @@ sentiment_target = scorers.TextTarget([scorers.RewardTerm(scorers.SentimentScore
 texts = tok.decode_batch(out.tokens, out.mask)
 print("log b:", word_target.log_potential(texts))
 print("r/β:", sentiment_target.log_potential(texts))'''),
-    ("code", r'''from configs import smollm2_sentiment
+    ("code", r'''import tempfile
+
+from configs import smollm2_sentiment
 from fdrl import train
 
 config = smollm2_sentiment.get_config("smoke" if SMOKE else "demo")
-config.update(dict(f="js", workdir="/tmp/fdrl_colab_02", progress_bar=not SMOKE))
+# A fresh folder per run: a workdir holding checkpoints is only continued with resume=True.
+config.update(dict(f="js", workdir=tempfile.mkdtemp(prefix="fdrl_colab_02_"), progress_bar=not SMOKE))
 if not SMOKE:
     config.steps, config.eval_every = 20, 5
 result = train.train_and_evaluate(config)
