@@ -167,33 +167,48 @@ class Llama(nnx.Module):
         layer_params = (self.attn_norm[...], self.wq[...], self.wk[...], self.wv[...], self.wo[...],
                         self.mlp_norm[...], self.w_gate[...], self.w_up[...], self.w_down[...])
 
-        def layer(x, scanned):
-            params, cache_k, cache_v = scanned
+        def layer(x, params, attend):
+            """One decoder layer; `attend(q, k, v)` → (attention output, extra carry)."""
             attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down = (p.astype(cdt) for p in params)
             h = _rms_norm(x, attn_norm, c.norm_eps)
             q = (h @ wq).reshape(batch, length, c.num_heads, c.head_dim)
             k = (h @ wk).reshape(batch, length, c.num_kv_heads, c.head_dim)
             v = (h @ wv).reshape(batch, length, c.num_kv_heads, c.head_dim)
             q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
-            if cache_k is not None:
-                cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
-                cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
-                k, v = cache_k, cache_v
-            attn = _attention(q, k, v, mask, c.num_kv_heads)
+            attn, extra = attend(q, k, v)
             x = x + attn.reshape(batch, length, -1) @ wo
             h = _rms_norm(x, mlp_norm, c.norm_eps)
             x = x + (jax.nn.silu(h @ w_gate) * (h @ w_up)) @ w_down
-            return x, (cache_k, cache_v)
+            return x, extra
 
         unroll = c.num_layers if c.unroll_layers else 1
         if cache is None:
-            body = lambda x, p: layer(x, (p, None, None))  # noqa: E731
+            def body(x, params):
+                return layer(x, params, lambda q, k, v: (_attention(q, k, v, mask, c.num_kv_heads), None))
+
             if c.remat:  # keep only each layer's input for the backward pass
                 body = jax.checkpoint(body, prevent_cse=False)
             x, _ = jax.lax.scan(body, x, layer_params, unroll=unroll)
             new_cache = None
         else:
-            x, (new_k, new_v) = jax.lax.scan(layer, x, (layer_params, cache.k, cache.v), unroll=unroll)
+            # The whole cache rides in the scan's carry and each layer writes its new
+            # keys/values in place: scanning over the cache as xs/ys would copy all of
+            # it (every layer, every slot) once per decoded token.
+            def body(carry, params):
+                x, cache_k, cache_v, i = carry
+
+                def attend(q, k, v):
+                    ck = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), (i, 0, index, 0, 0))
+                    cv = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), (i, 0, index, 0, 0))
+                    layer_k = jax.lax.dynamic_index_in_dim(ck, i, keepdims=False)
+                    layer_v = jax.lax.dynamic_index_in_dim(cv, i, keepdims=False)
+                    return _attention(q, layer_k, layer_v, mask, c.num_kv_heads), (ck, cv)
+
+                x, (cache_k, cache_v) = layer(x, params, attend)
+                return (x, cache_k, cache_v, i + 1), None
+
+            (x, new_k, new_v, _), _ = jax.lax.scan(body, (x, cache.k, cache.v, jnp.int32(0)), layer_params,
+                                                   unroll=unroll)
             new_cache = KVCache(new_k, new_v, key_valid)
 
         if last_only:
