@@ -74,10 +74,7 @@ def main(argv):
              "throughput, activation memory) is an accelerator's to show. This is the CPU compiler's buffer assignment; a GPU or "
              "TPU compile of the same step assigns its own."]
     report = "\n".join(lines)
-    print(report)
-    os.makedirs(_OUT.value, exist_ok=True)
-    with open(os.path.join(_OUT.value, "aot_1b.md"), "w") as f:
-        f.write(report + "\n")
+    common.write_results(_OUT.value, "aot_1b", report)
 
 
 if __name__ == "__main__":

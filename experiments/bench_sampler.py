@@ -9,7 +9,6 @@ each), float32, after a warm-up call; times are medians of --repeats. torch uses
 many threads as JAX's CPU backend has cores. Writes experiments/results/bench_sampler.md.
 """
 
-import json
 import os
 import statistics
 import time
@@ -89,12 +88,7 @@ def main(argv):
         f"Same machine, same run: {os.cpu_count()} CPU cores; jax {jax.__version__}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}. Temperature 1, EOS disabled, median of {_REPEATS.value} after a warm-up.",
         "", common.markdown_table(["batch", "fdrl tokens/s", "HF generate tokens/s", "ratio"], rows)])
-    print(report)
-    os.makedirs(_OUT.value, exist_ok=True)
-    with open(os.path.join(_OUT.value, "bench_sampler.md"), "w") as f:
-        f.write(report + "\n")
-    with open(os.path.join(_OUT.value, "bench_sampler.json"), "w") as f:
-        json.dump(raw, f)
+    common.write_results(_OUT.value, "bench_sampler", report, raw)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from absl import app, flags
 import common
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from configs import smollm2_sentiment
 from fdrl import train
@@ -102,8 +101,7 @@ def mesh_worker(shape):
     state = trainer.init_state()
     key = jax.random.PRNGKey(0)
     prompt, valid, out, ctx = trainer.sample(state.params, key, config.batch_size)
-    log_potential = trainer.shard_batch(np.asarray(trainer.task.target.log_potential(trainer.decode(out)), np.float32))
-    batch = (prompt, valid, out.tokens, out.mask, out.logp, log_potential, ctx)
+    batch = (prompt, valid, out.tokens, out.mask, out.logp, trainer.score(out), ctx)
     update_times, step_times = [], []
     for i in range(_STEPS.value + 1):  # the first of each is the compile
         start = time.perf_counter()
@@ -184,12 +182,7 @@ def mesh_compare():
                   f"over the same {os.cpu_count()} cores: the mesh rows measure the cost of partitioning and "
                   "collectives, not a speed-up."]
     report = "\n".join(lines)
-    print(report)
-    os.makedirs(_OUT.value, exist_ok=True)
-    with open(os.path.join(_OUT.value, "bench_step_mesh.md"), "w") as f:
-        f.write(report + "\n")
-    with open(os.path.join(_OUT.value, "bench_step_mesh.json"), "w") as f:
-        json.dump(dict(matmul_flops_per_s=rate, runs=raw), f, indent=1)
+    common.write_results(_OUT.value, "bench_step_mesh", report, dict(matmul_flops_per_s=rate, runs=raw))
 
 
 def main(argv):
@@ -208,8 +201,7 @@ def main(argv):
     peak_flops = matmul_rate(_REPEATS.value)
 
     prompt, valid, out, ctx = trainer.sample(state.params, key, config.batch_size)
-    texts = trainer.decode(out)
-    log_potential = jnp.asarray(task.target.log_potential(texts))
+    log_potential = trainer.score(out)
     rows = []
 
     # sample: the sampler's jitted function with fixed inputs.
@@ -294,14 +286,10 @@ def main(argv):
               f"Peak resident memory of the process: {peak_rss_gb:.2f} GB. "
               f"Tokens sampled per step: {int(sampled.mask.sum())}."]
     report = "\n".join(lines)
-    print(report)
-    os.makedirs(_OUT.value, exist_ok=True)
     suffix = "" if _MODEL.value == "smollm2" else f"_{_MODEL.value}"
-    with open(os.path.join(_OUT.value, f"bench_step{suffix}.md"), "w") as f:
-        f.write(report + "\n")
-    with open(os.path.join(_OUT.value, f"bench_step{suffix}.json"), "w") as f:
-        json.dump(dict(rows=[list(r) for r in rows], step_seconds=t_step, matmul_flops_per_s=peak_flops,
-                       peak_rss_gb=peak_rss_gb), f)
+    common.write_results(_OUT.value, f"bench_step{suffix}", report,
+                         dict(rows=[list(r) for r in rows], step_seconds=t_step, matmul_flops_per_s=peak_flops,
+                              peak_rss_gb=peak_rss_gb))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 
@@ -27,3 +28,14 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def write_results(out_dir: str, name: str, report: str, data=None) -> None:
+    """Prints a markdown report and writes it to <out_dir>/<name>.md (and `data` to <name>.json)."""
+    print(report)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write(report + "\n")
+    if data is not None:
+        with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+            json.dump(data, f, indent=1)

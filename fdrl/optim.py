@@ -49,8 +49,10 @@ def float32_master(inner: optax.GradientTransformation) -> optax.GradientTransfo
 def make_optimizer(config) -> optax.GradientTransformation:
     """AdamW (weight_decay 0 = Adam) with optional global-norm clipping; float32 master
     weights when the parameters are low precision."""
+    if not config.learning_rate > 0:
+        raise ValueError(f"learning_rate must be > 0, got {config.learning_rate}")
     parts = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip > 0 else []
-    adam = config.get("adam")
+    adam = config.get("adam")  # absent from the toy configs: optax's Adam defaults
     b1, b2, eps, wd = (0.9, 0.999, 1e-8, 0.0) if adam is None else (adam.b1, adam.b2, adam.eps, adam.weight_decay)
     optimizer = optax.chain(*parts, optax.adamw(config.learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=wd))
     if jnp.dtype(config.get("param_dtype", "float32")) != jnp.float32:

@@ -123,7 +123,7 @@ def logical_to_spec(logical_axes: Sequence[Optional[str]], shape: Sequence[int],
         axes = tuple(a for a in (rules[name] if name is not None else ()) if a not in used and mesh.shape[a] > 1)
         if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
             used.update(axes)
-            spec.append(axes[0] if len(axes) == 1 else axes)
+            spec.append(_spec_entry(axes))
         else:
             spec.append(None)
     return P(*spec)
@@ -147,16 +147,22 @@ def optimizer_shardings(optimizer: optax.GradientTransformation, abstract_opt_st
                                  transform_non_params=lambda _: replicated(mesh))
 
 
+def _spec_entry(axes: tuple[str, ...]):
+    """One PartitionSpec entry: None, a mesh axis, or a tuple of them."""
+    return None if not axes else (axes[0] if len(axes) == 1 else axes)
+
+
 def batch_sharding(mesh: Mesh, rules: Mapping[str, tuple[str, ...]], ndim: int = 1) -> NamedSharding:
     """Leading axis over the "batch" rule's mesh axes, the rest replicated."""
-    axes = tuple(a for a in rules["batch"])
-    lead = None if not axes else (axes[0] if len(axes) == 1 else axes)
-    return NamedSharding(mesh, P(lead, *([None] * (ndim - 1))))
+    return NamedSharding(mesh, P(_spec_entry(rules["batch"]), *([None] * (ndim - 1))))
 
 
-def batch_divisor(mesh: Mesh, rules: Mapping[str, tuple[str, ...]]) -> int:
-    """How many ways a batch is split: a batch size must be a multiple of it."""
-    return math.prod(mesh.shape[a] for a in rules["batch"])
+def check_batch(mesh: Mesh, rules: Mapping[str, tuple[str, ...]], size: int, what: str) -> None:
+    """Raises unless a batch of `size` splits evenly over the "batch" rule's mesh axes."""
+    divisor = math.prod(mesh.shape[a] for a in rules["batch"])
+    if size % divisor:
+        raise ValueError(f"{what} must be divisible by the {divisor} batch shards of mesh.shape="
+                         f"{tuple(mesh.shape.values())} (rule batch -> {','.join(rules['batch'])})")
 
 
 def put_global(host_array, sharding: NamedSharding) -> jax.Array:
@@ -167,13 +173,10 @@ def put_global(host_array, sharding: NamedSharding) -> jax.Array:
 
 def shard_batch(mesh: Mesh, rules: Mapping[str, tuple[str, ...]], *arrays):
     """Puts host arrays [B, ...] onto the mesh split along B. Checks B divides."""
-    divisor = batch_divisor(mesh, rules)
     out = []
     for a in arrays:
         a = np.asarray(a)
-        if a.shape[0] % divisor:
-            raise ValueError(f"batch of {a.shape[0]} is not divisible by the {divisor} batch shards of mesh "
-                             f"{dict(mesh.shape)} (rule batch -> {rules['batch']})")
+        check_batch(mesh, rules, a.shape[0], f"a batch of {a.shape[0]}")
         out.append(put_global(a, batch_sharding(mesh, rules, a.ndim)))
     return out if len(out) != 1 else out[0]
 
@@ -204,9 +207,3 @@ def with_shardings(abstract_tree, shardings_tree):
     """ShapeDtypeStructs carrying shardings: the target of a restore onto a new mesh."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree,
                         shardings_tree)
-
-
-def describe(shardings_tree) -> dict[str, str]:
-    """{path: PartitionSpec} for logs and tests."""
-    flat = jax.tree_util.tree_flatten_with_path(shardings_tree, is_leaf=lambda x: isinstance(x, NamedSharding))[0]
-    return {jax.tree_util.keystr(path): str(s.spec) for path, s in flat}

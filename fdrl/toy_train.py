@@ -21,6 +21,7 @@ import optax
 
 from fdrl import divergences, estimators, toy, toy_ppo
 from fdrl.losses import fdpg_loss
+from fdrl.optim import make_optimizer
 
 Array = jax.Array
 
@@ -46,16 +47,6 @@ def make_task(config) -> tuple[toy.ToyProblem, toy.ToyTarget]:
     target = toy.make_target(problem, config.target, beta=config.beta, mu_bar=config.mu_bar,
                              log_floor=config.log_b_floor)
     return problem, target
-
-
-def make_optimizer(config) -> optax.GradientTransformation:
-    if not config.learning_rate > 0:
-        raise ValueError(f"learning_rate must be > 0, got {config.learning_rate}")
-    parts = []
-    if config.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(config.grad_clip))
-    parts.append(optax.adam(config.learning_rate))
-    return optax.chain(*parts)
 
 
 def validate(config) -> None:

@@ -293,15 +293,40 @@ def ppo_update(config, graphdef, optimizer, ref_params, state: LMTrainState, pro
     return state, scalars
 
 
-def jit_update(config, graphdef, optimizer, params_shardings, train_state_shardings, mesh, rules):
-    """The update (f-DPG or PPO by config.algo) compiled once over the mesh: arguments
-    (reference params, train state, prompt, prompt_valid, completion, mask, sampler_logp
-    [B, ·], log_potential, context_ids [B]) with their shardings, the old state donated."""
-    rows, vector = sharding.batch_sharding(mesh, rules, 2), sharding.batch_sharding(mesh, rules, 1)
+# The update's arguments after (reference params, train state): name, rank, dtype.
+# Every one is split along its leading batch axis.
+UPDATE_BATCH = (("prompt", 2, jnp.int32), ("prompt_valid", 2, jnp.bool_), ("completion", 2, jnp.int32),
+                ("mask", 2, jnp.bool_), ("sampler_logp", 2, jnp.float32), ("log_potential", 1, jnp.float32),
+                ("context_ids", 1, jnp.int32))
+
+
+class StepParts(NamedTuple):
+    """What the update needs on a mesh, derived once from the parameters' (abstract) shapes."""
+
+    optimizer: optax.GradientTransformation
+    param_shardings: object  # nnx.State of NamedShardings
+    state_shardings: LMTrainState  # of NamedShardings
+    abstract_state: LMTrainState  # ShapeDtypeStructs carrying state_shardings: a restore target
+    init: object  # jitted ref_params -> LMTrainState, created on its shards
+    update: object  # jitted update: (ref_params, state, *UPDATE_BATCH) -> (state, scalars)
+
+
+def build_step(config, graphdef, params, num_contexts: int, mesh, rules) -> StepParts:
+    """The optimiser, every sharding of the train state, and the update compiled once over
+    the mesh (in/out shardings, the old state donated). `params` may be abstract."""
+    optimizer = make_optimizer(config)
+    params_shardings = sharding.param_shardings(params, mesh, rules)
+    init = functools.partial(init_state, config, num_contexts, optimizer)
+    abstract = jax.eval_shape(init, params)
+    train_state_shardings = state_shardings(abstract, optimizer, params_shardings, mesh)
+    batch_shardings = tuple(sharding.batch_sharding(mesh, rules, rank) for _, rank, _ in UPDATE_BATCH)
     update_fn = update if config.algo == "fdpg" else ppo_update
-    return jax.jit(functools.partial(update_fn, config, graphdef, optimizer),
-                   in_shardings=(params_shardings, train_state_shardings, rows, rows, rows, rows, rows, vector, vector),
-                   out_shardings=(train_state_shardings, sharding.replicated(mesh)), donate_argnums=(1,))
+    jitted_update = jax.jit(functools.partial(update_fn, config, graphdef, optimizer),
+                            in_shardings=(params_shardings, train_state_shardings, *batch_shardings),
+                            out_shardings=(train_state_shardings, sharding.replicated(mesh)), donate_argnums=(1,))
+    return StepParts(optimizer, params_shardings, train_state_shardings,
+                     sharding.with_shardings(abstract, train_state_shardings),
+                     jax.jit(init, out_shardings=train_state_shardings), jitted_update)
 
 
 def lower_update(config, model_config: llama.LlamaConfig, mesh, rules, prompt_len: int, num_contexts: int = 1):
@@ -309,18 +334,15 @@ def lower_update(config, model_config: llama.LlamaConfig, mesh, rules, prompt_le
     ever allocated, so a model far larger than this machine compiles
     (`.compile().memory_analysis()` then gives the bytes per device)."""
     graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: llama.Llama(model_config, rngs=nnx.Rngs(0))))
-    optimizer = make_optimizer(config)
-    params_shardings = sharding.param_shardings(abstract_params, mesh, rules)
-    abstract_state = jax.eval_shape(functools.partial(init_state, config, num_contexts, optimizer), abstract_params)
-    train_state_shardings = state_shardings(abstract_state, optimizer, params_shardings, mesh)
-    fn = jit_update(config, graphdef, optimizer, params_shardings, train_state_shardings, mesh, rules)
-    b, n = config.batch_size, config.max_new_tokens
-    rows, vector = sharding.batch_sharding(mesh, rules, 2), sharding.batch_sharding(mesh, rules, 1)
-    batch = [jax.ShapeDtypeStruct(shape, dtype, sharding=sh) for shape, dtype, sh in (
-        ((b, prompt_len), jnp.int32, rows), ((b, prompt_len), jnp.bool_, rows), ((b, n), jnp.int32, rows),
-        ((b, n), jnp.bool_, rows), ((b, n), jnp.float32, rows), ((b,), jnp.float32, vector), ((b,), jnp.int32, vector))]
-    return fn.lower(sharding.with_shardings(abstract_params, params_shardings),
-                    sharding.with_shardings(abstract_state, train_state_shardings), *batch)
+    parts = build_step(config, graphdef, abstract_params, num_contexts, mesh, rules)
+    b = config.batch_size
+    batch = []
+    for name, rank, dtype in UPDATE_BATCH:
+        width = prompt_len if name.startswith("prompt") else config.max_new_tokens
+        shape = (b, width) if rank == 2 else (b,)
+        batch.append(jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, rules, rank)))
+    return parts.update.lower(sharding.with_shardings(abstract_params, parts.param_shardings), parts.abstract_state,
+                              *batch)
 
 
 class Trainer:
@@ -335,27 +357,19 @@ class Trainer:
         validate(config)
         self.mesh = sharding.mesh_from_config(config.mesh)
         self.rules = sharding.parse_rules(config.mesh.rules)
-        divisor = sharding.batch_divisor(self.mesh, self.rules)
         for field in ("batch_size", "eval_batch_size"):
-            if config[field] % divisor:
-                raise ValueError(f"{field}={config[field]} must be divisible by the {divisor} batch shards of "
-                                 f"mesh.shape={tuple(self.mesh.shape.values())} (rule batch -> "
-                                 f"{','.join(self.rules['batch'])})")
+            sharding.check_batch(self.mesh, self.rules, config[field], f"{field}={config[field]}")
         if task is None:
             task = build_task(config, self.mesh, self.rules)
         else:  # a task built elsewhere: its sampler must return batches split over this mesh
             task = task._replace(sampler=make_sampler(config, task.graphdef, task.model_config, task.tokenizer,
                                                       self.mesh, self.rules))
-        self.optimizer = make_optimizer(config)
-        self.param_shardings = sharding.param_shardings(task.ref_params, self.mesh, self.rules)
-        self.task = task._replace(ref_params=jax.device_put(task.ref_params, self.param_shardings))
-        init = functools.partial(init_state, config, len(task.prompts), self.optimizer)
-        abstract = jax.eval_shape(init, self.task.ref_params)
-        self.state_shardings = state_shardings(abstract, self.optimizer, self.param_shardings, self.mesh)
-        self.abstract_state = sharding.with_shardings(abstract, self.state_shardings)
-        self._init = jax.jit(init, out_shardings=self.state_shardings)
-        self._update = jit_update(config, task.graphdef, self.optimizer, self.param_shardings, self.state_shardings,
-                                  self.mesh, self.rules)
+        parts = build_step(config, task.graphdef, task.ref_params, len(task.prompts), self.mesh, self.rules)
+        # A no-op when build_task placed them; a task built elsewhere moves onto this mesh.
+        self.task = task._replace(ref_params=jax.device_put(task.ref_params, parts.param_shardings))
+        self.optimizer, self.param_shardings, self.state_shardings = (parts.optimizer, parts.param_shardings,
+                                                                      parts.state_shardings)
+        self.abstract_state, self._init, self._update = parts.abstract_state, parts.init, parts.update
         self._ref_logp = jax.jit(lambda params, *a: jnp.sum(
             llama.continuation_logp(self.task.graphdef, params, *a)[0], axis=1))
 
@@ -390,14 +404,18 @@ class Trainer:
     def decode(self, out) -> list[str]:
         return self.task.tokenizer.decode_batch(sharding.to_host(out.tokens), sharding.to_host(out.mask))
 
+    def score(self, out) -> Array:
+        """Log-potentials [B] of sampled completions: decoded and scored on the host, then split
+        over the mesh like the rest of the batch."""
+        return self.shard_batch(np.asarray(self.task.target.log_potential(self.decode(out)), np.float32))
+
     def step(self, state: LMTrainState):
         """Samples, scores on the host, then the jitted update (which advances state.key)."""
         step_key = jax.random.split(state.key)[1]
         sampler_params = state.params if state.proposal_params is None else state.proposal_params
         prompt, valid, out, ctx = self.sample(sampler_params, step_key, self.config.batch_size)
-        log_potential = self.shard_batch(np.asarray(self.task.target.log_potential(self.decode(out)), np.float32))
         return self._update(self.task.ref_params, state, prompt, valid, out.tokens, out.mask, out.logp,
-                            log_potential, ctx)
+                            self.score(out), ctx)
 
     def evaluate(self, state: LMTrainState, key: Array) -> tuple[dict, list[str], list[str]]:
         """Metrics from fresh pure samples of π (temperature 1): estimates named in fdrl.metrics."""
