@@ -17,9 +17,14 @@ def base_config() -> ml_collections.ConfigDict:
     # and the optimiser state, with a float32 master copy of the weights, stay float32).
     c.param_dtype = "float32"
     c.compute_dtype = "float32"
-    # Recompute each layer in the backward pass: one more forward of FLOPs, but only layer
-    # inputs are saved. On CPU it is also faster (the backward is memory-bound): bench_step.
-    c.remat = True
+    # What the backward pass keeps of each layer (fdrl.models.llama.REMAT_POLICIES): "full"
+    # keeps only layer inputs and recomputes the layer (one more forward of FLOPs, least
+    # memory), "dots" keeps the weight matmuls' outputs (faster, ~40 MB per layer per 2k
+    # tokens), "none" keeps everything. Measured in experiments/bench_step.py.
+    c.remat = "full"
+    # Teacher forcing makes logits for this many positions at a time ([chunk, vocab] blocks
+    # instead of [batch, tokens, vocab]); 0 = all at once.
+    c.logits_chunk = 256
     # Device mesh over axes (data, fsdp, tensor); -1 = all remaining devices. Rules map the
     # model's logical axes to mesh axes ("a,b" for several, "" for replicated).
     c.mesh = ml_collections.ConfigDict()

@@ -37,8 +37,8 @@ _BATCH = flags.DEFINE_integer("batch", 32, "Samples per step.")
 _NEW = flags.DEFINE_integer("new_tokens", 32, "New tokens per sample.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (median).")
 _OUT = flags.DEFINE_string("out", "experiments/results", "Output folder.")
-_REMAT = flags.DEFINE_bool("remat", True, "Recompute each layer in the backward pass (config.remat; --noremat "
-                           "to save every activation instead).")
+_REMAT = flags.DEFINE_enum("remat", "full", ["full", "dots", "none"], "config.remat: what the backward pass keeps "
+                           "of each layer (full = layer inputs only, dots = matmul outputs, none = everything).")
 _MESH = flags.DEFINE_bool("mesh", False, "Compare the sharded train step on 1 and --devices devices (each in a "
                           "subprocess; on a CPU host the devices are faked with XLA_FLAGS) for both models.")
 _DEVICES = flags.DEFINE_integer("devices", 8, "Devices of the --mesh comparison.")
@@ -144,7 +144,7 @@ def mesh_compare():
                 [int(x) for x in _MESH_SHAPE.value.split(",")], devices)
             cmd = [sys.executable, __file__, f"--model={model}", f"--worker={','.join(map(str, shape))}",
                    f"--batch={_BATCH.value}", f"--new_tokens={_NEW.value}", f"--steps={_STEPS.value}",
-                   "--remat" if _REMAT.value else "--noremat"]
+                   f"--remat={_REMAT.value}"]
             if backend != "cpu":
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, range(devices)))
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -166,8 +166,8 @@ def mesh_compare():
                          f"{r['update_flops'] / 1e9:.1f}", f"{achieved / 1e9:.1f}", fraction])
     lines = [f"# Sharded f-DPG step: 1 vs {_DEVICES.value} devices", "",
              f"Command: `python experiments/bench_step.py --mesh --steps={_STEPS.value} --batch={_BATCH.value}"
-             f"{'' if _REMAT.value else ' --noremat'}` (batch {_BATCH.value} × {_NEW.value} new tokens, "
-             f"on-policy js, float32, remat {'on' if _REMAT.value else 'off'}; median of {_STEPS.value} steps after the "
+             f" --remat={_REMAT.value}` (batch {_BATCH.value} × {_NEW.value} new tokens, "
+             f"on-policy js, float32, remat {_REMAT.value}; median of {_STEPS.value} steps after the "
              "compile).", "",
              f"Host: {jax.devices()[0].device_kind}, backend {backend}, {os.cpu_count()} cores, jax {jax.__version__}. "
              f"Reference rate: 2048³ float32 matmul under jit = {rate / 1e9:.1f} GFLOP/s (this run).", "",
@@ -198,6 +198,18 @@ def main(argv):
     task, state = trainer.task, trainer.init_state()
     graphdef = task.graphdef
     key = jax.random.PRNGKey(0)
+
+    # The whole step as the trainer runs it (sampling, host decode and scoring, fused update),
+    # first: the process's peak memory is read before the parts below hold extra copies.
+    state, _ = trainer.step(state)  # warm-up
+    times = []
+    for _ in range(_REPEATS.value):
+        start = time.perf_counter()
+        state, scalars = trainer.step(state)
+        float(scalars["loss"])
+        times.append(time.perf_counter() - start)
+    t_step = statistics.median(times)
+    peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     peak_flops = matmul_rate(_REPEATS.value)
 
     prompt, valid, out, ctx = trainer.sample(state.params, key, config.batch_size)
@@ -247,21 +259,11 @@ def main(argv):
     adam = xla_flops(update_fn, *upd_args)
     rows.append(("adam update", t_upd, adam, adam))
 
-    # The whole step as the trainer runs it (sampling, host decode and scoring, fused update).
-    state, _ = trainer.step(state)  # warm-up
-    times = []
-    for _ in range(_REPEATS.value):
-        start = time.perf_counter()
-        state, scalars = trainer.step(state)
-        float(scalars["loss"])
-        times.append(time.perf_counter() - start)
-    t_step = statistics.median(times)
     total_flops = sum(r[2] for r in rows)
-    peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
     lines = [f"# f-DPG step benchmark: {_MODEL.value}, batch {config.batch_size} × {config.max_new_tokens} new tokens, "
-             f"on-policy js{', remat' if _REMAT.value else ''}", "",
-             f"Command: `python experiments/bench_step.py --model={_MODEL.value}{'' if _REMAT.value else ' --noremat'}`",
+             f"on-policy js, remat {_REMAT.value}", "",
+             f"Command: `python experiments/bench_step.py --model={_MODEL.value} --remat={_REMAT.value}`",
              "",
              f"Device: {jax.devices()[0].device_kind} ×{jax.device_count()}, jax {jax.__version__}. "
              f"Reference rate: 2048³ float32 matmul under jit = {peak_flops / 1e9:.1f} GFLOP/s (same run).", ""]
@@ -283,7 +285,8 @@ def main(argv):
               f"{scored} with logits at the {b * n_new} completion positions. "
               "XLA's compiled cost analysis is shown beside it: it counts a loop body (the scan over layers, the "
               "decode while_loop) once.",
-              f"Peak resident memory of the process: {peak_rss_gb:.2f} GB. "
+              f"Peak resident memory of the process through loading, compiling and {_REPEATS.value + 1} trainer steps "
+              f"(read before the per-part timings, whose separate jits hold extra copies): {peak_rss_gb:.2f} GB. "
               f"Tokens sampled per step: {int(sampled.mask.sum())}."]
     report = "\n".join(lines)
     suffix = "" if _MODEL.value == "smollm2" else f"_{_MODEL.value}"

@@ -15,11 +15,13 @@ temperature 1 and no truncation they equal the model's own log-probs.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from fdrl.models.llama import KVCache, forward
 
@@ -57,6 +59,9 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, buckets: Sequence
     return tokens, valid
 
 
+CDF_BLOCK = 256  # vocabulary entries per block of the two-level inverse-CDF search
+
+
 def sample_token(logits: Array, key: Array, temperature: Array, top_k: int, top_p: Array):
     """One token per row from logits [B, V] → (token [B], log q(token) [B]).
 
@@ -64,33 +69,65 @@ def sample_token(logits: Array, key: Array, temperature: Array, top_k: int, top_
     """
     logits = logits.astype(jnp.float32)
     greedy = temperature <= 1e-6
-    scaled = logits / jnp.where(greedy, 1.0, temperature)
-    if top_k:
-        kth = jax.lax.top_k(scaled, top_k)[0][:, -1:]
-        scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
 
-    def nucleus(x):
-        order = jnp.argsort(-x, axis=-1)
-        sorted_x = jnp.take_along_axis(x, order, axis=-1)
-        probs = jax.nn.softmax(sorted_x, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
-        keep_sorted = before < top_p
-        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(x.shape[0])[:, None], order].set(keep_sorted)
-        return jnp.where(keep, x, -jnp.inf)
+    def sample(logits):
+        scaled = logits / temperature
+        if top_k:
+            kth = jax.lax.top_k(scaled, top_k)[0][:, -1:]
+            scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
+        scaled = jax.lax.cond(top_p < 1.0, functools.partial(_nucleus, top_p=top_p), lambda x: x, scaled)
+        return _inverse_cdf(scaled, key)
 
-    scaled = jax.lax.cond(top_p < 1.0, nucleus, lambda x: x, scaled)
-    log_q = jax.nn.log_softmax(scaled, axis=-1)
-    # Inverse-CDF sampling: one uniform per row instead of one Gumbel per vocabulary
-    # entry (random bits for [B, V] per step dominate categorical() on CPU).
-    cdf = jnp.cumsum(jnp.exp(log_q), axis=-1)
-    uniform = jax.random.uniform(key, (logits.shape[0], 1)) * cdf[:, -1:]
-    sampled = jnp.minimum(jnp.sum(cdf < uniform, axis=-1), logits.shape[-1] - 1)
-    # Never land on a token of probability 0 through float rounding at a step of the cdf.
-    sampled = jnp.where(jnp.take_along_axis(log_q, sampled[:, None], -1)[:, 0] == -jnp.inf,
-                        jnp.argmax(log_q, axis=-1), sampled)
-    token = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled)
-    token_logp = jnp.where(greedy, 0.0, jnp.take_along_axis(log_q, token[:, None], axis=-1)[:, 0])
-    return token.astype(jnp.int32), token_logp
+    def argmax(logits):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), jnp.zeros(logits.shape[:1], jnp.float32)
+
+    # A cond, not a where: only one branch runs (an argmax over V costs as much as a decode layer).
+    return jax.lax.cond(greedy, argmax, sample, logits)
+
+
+def _nucleus(x: Array, top_p: Array) -> Array:
+    """Keeps the smallest set of top tokens whose mass reaches top_p; the rest get -inf."""
+    order = jnp.argsort(-x, axis=-1)
+    sorted_x = jnp.take_along_axis(x, order, axis=-1)
+    probs = jax.nn.softmax(sorted_x, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
+    keep_sorted = before < top_p
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(x.shape[0])[:, None], order].set(keep_sorted)
+    return jnp.where(keep, x, -jnp.inf)
+
+
+def _inverse_cdf(logits: Array, key: Array):
+    """Draws from softmax(logits) [B, V] (−inf = excluded) → (token [B] int32, log-prob [B]).
+
+    One uniform per row (random bits for all of [B, V], as Gumbel-max needs, dominate on
+    CPU), searched in two levels: the cumulative mass of blocks of CDF_BLOCK entries, then
+    the cumulative mass inside the chosen block. A cumsum over the whole vocabulary costs
+    ~10× the rest of the step here. The log-prob is logits[token] − logsumexp(logits).
+    """
+    batch, vocab = logits.shape
+    num_blocks = -(-vocab // CDF_BLOCK)
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    mass = jnp.exp(logits - top)  # [B, V], in (0, 1]; 0 where excluded
+    blocks = jnp.pad(mass, ((0, 0), (0, num_blocks * CDF_BLOCK - vocab))).reshape(batch, num_blocks, CDF_BLOCK)
+    block_cdf = jnp.cumsum(jnp.sum(blocks, axis=-1), axis=-1)  # [B, nb]
+    total = block_cdf[:, -1]
+    u = jax.random.uniform(key, (batch,)) * total
+    block = jnp.minimum(jnp.sum(block_cdf <= u[:, None], axis=-1), num_blocks - 1)
+    within = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]  # [B, CDF_BLOCK]
+    within_cdf = jnp.cumsum(within, axis=-1)
+    # u's offset into its block; the block's own cumsum need not end exactly where block_cdf
+    # says (rounding), so the index is clamped to the block and the guard below catches the rest.
+    start = jnp.take_along_axis(block_cdf, block[:, None], axis=1)[:, 0] - within_cdf[:, -1]
+    offset = jnp.minimum(jnp.sum(within_cdf <= (u - start)[:, None], axis=-1), CDF_BLOCK - 1)
+    token = jnp.minimum(block * CDF_BLOCK + offset, vocab - 1)
+    chosen = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0]
+    # Rounding at a block edge can land on an excluded (mass-0) entry: take the mode instead.
+    # Rare, so behind a cond: the argmax runs only when some row needs it.
+    token, chosen = jax.lax.cond(jnp.any(chosen == -jnp.inf),
+                                 lambda: (jnp.where(chosen == -jnp.inf, jnp.argmax(logits, -1), token),
+                                          jnp.where(chosen == -jnp.inf, top[:, 0], chosen)),
+                                 lambda: (token, chosen))
+    return token.astype(jnp.int32), chosen - top[:, 0] - jnp.log(total)
 
 
 class Sampler:
@@ -135,7 +172,9 @@ class Sampler:
         batch, prompt_len = prompt.shape
         steps = self.max_new_tokens
         cache = KVCache.init(self.model_config, batch, prompt_len + steps)
-        out = forward(self.graphdef, params, prompt, prompt_valid, cache, 0, last_only=True)
+        # Each layer's weights sliced out once per generation, not once per token (see `layers`).
+        layers = nnx.merge(self.graphdef, params).unstack_layers()
+        out = forward(self.graphdef, params, prompt, prompt_valid, cache, 0, last_only=True, layers=layers)
 
         def cond(carry):
             t, _, _, _, _, _, done, _ = carry
@@ -151,7 +190,7 @@ class Sampler:
             mask = jax.lax.dynamic_update_slice(mask, real[:, None], (0, t))
             logp = jax.lax.dynamic_update_slice(logp, jnp.where(real, token_logp, 0.0)[:, None], (0, t))
             done = done | (token == self.eos_id)
-            step = forward(self.graphdef, params, token[:, None], real[:, None], cache, prompt_len + t)
+            step = forward(self.graphdef, params, token[:, None], real[:, None], cache, prompt_len + t, layers=layers)
             return t + 1, step.cache, step.logits[:, 0], tokens, mask, logp, done, key
 
         carry = (jnp.int32(0), out.cache, out.logits[:, -1],

@@ -80,17 +80,26 @@ def test_continuation_logp_matches_log_softmax(tiny):
 def test_config_errors():
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         llama.LlamaConfig.tiny(num_heads=3, num_kv_heads=2)
+    with pytest.raises(ValueError, match="unknown remat='some'"):
+        llama.LlamaConfig.tiny(remat="some")
+    with pytest.raises(ValueError, match="logits_chunk must be >= 0"):
+        llama.LlamaConfig.tiny(logits_chunk=-1)
+    with pytest.raises(ValueError, match="targets .* must be"):
+        llama.chunked_token_logp(jnp.zeros((2, 3, 4)), jnp.zeros((4, 5)), jnp.zeros((2, 4), jnp.int32), 2)
     with pytest.raises(ValueError, match="shapes disagree"):
         config = llama.LlamaConfig.tiny()
         llama.Llama(config, rngs=nnx.Rngs(0))(jnp.zeros((1, 3), jnp.int32), jnp.ones((1, 4), bool))
 
 
-@pytest.mark.parametrize("field", ["remat", "unroll_layers"])
-def test_remat_and_unrolled_layers_give_the_same_gradients(tiny, field):
+@pytest.mark.parametrize("field,value", [("remat", True), ("remat", "dots"), ("remat", "none"),
+                                         ("unroll_layers", True), ("logits_chunk", 4), ("logits_chunk", 6)])
+def test_layouts_of_the_computation_give_the_same_gradients(tiny, field, value):
+    """remat policies, an unrolled layer scan and chunked logits (batch 3: chunks of 1 and of 2
+    positions, the last one padded) change how the work is done, not its result."""
     import dataclasses
 
     config, graphdef, params = tiny
-    other = nnx.split(nnx.eval_shape(lambda: llama.Llama(dataclasses.replace(config, **{field: True}),
+    other = nnx.split(nnx.eval_shape(lambda: llama.Llama(dataclasses.replace(config, **{field: value}),
                                                          rngs=nnx.Rngs(0))))[0]
     prompt = jax.random.randint(jax.random.PRNGKey(1), (3, 4), 0, config.vocab_size)
     completion = jax.random.randint(jax.random.PRNGKey(2), (3, 5), 0, config.vocab_size)

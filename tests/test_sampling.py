@@ -85,6 +85,28 @@ def test_greedy_top_k_and_top_p():
     assert set(np.asarray(draw[0]).ravel().tolist()) == {0, 1}  # 0.5 < 0.7 ≤ 0.8: two tokens kept
 
 
+def test_inverse_cdf_over_many_blocks_matches_softmax():
+    """The two-level search (blocks of CDF_BLOCK) draws from softmax exactly: a vocabulary of
+    three blocks and a partial one, a whole block excluded, mass on both sides of each edge."""
+    vocab = 3 * sampling.CDF_BLOCK + 100
+    rng = np.random.default_rng(0)
+    logits = np.full(vocab, -np.inf, np.float32)
+    heavy = [0, 255, 256 * 2, 256 * 2 + 255, 256 * 3, vocab - 1, 17, 600]  # block edges and the ragged end
+    logits[heavy] = rng.normal(size=len(heavy)).astype(np.float32) + 3.0
+    light = rng.choice(np.arange(256 * 2, vocab), 50, replace=False)  # block 1 stays excluded
+    logits[light] = rng.normal(size=50).astype(np.float32) - 2.0
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    rows = jnp.tile(jnp.asarray(logits)[None], (40_000, 1))  # one draw per row
+    tok, lp = jax.jit(sampling.sample_token, static_argnums=3)(rows, jax.random.PRNGKey(1), jnp.float32(1.0), 0,
+                                                               jnp.float32(1.0))
+    tok, lp = np.asarray(tok).ravel(), np.asarray(lp).ravel()
+    assert np.all(np.isfinite(logits[tok])), "drew an excluded token"
+    np.testing.assert_allclose(lp, np.log(probs[tok]), atol=1e-5)
+    freq = np.bincount(tok, minlength=vocab) / tok.size
+    assert 0.5 * np.abs(freq - probs).sum() < 0.02
+
+
 def test_bad_arguments(model):
     _, _, params = model
     sampler = make_sampler(model)

@@ -28,6 +28,13 @@ from flax import nnx
 Array = jax.Array
 
 
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     vocab_size: int = 49152
@@ -44,13 +51,23 @@ class LlamaConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"  # activations; logits and log-probs are always float32
     unroll_layers: bool = False  # unroll the layer scan: XLA's cost analysis then counts every layer
-    remat: bool = False  # recompute each layer in the backward pass: activations O(1 layer), +1 forward of FLOPs
+    # Backward-pass memory of the layer scan (REMAT_POLICIES): "none" keeps every activation,
+    # "full" keeps only each layer's input and recomputes the layer (+1 forward of FLOPs),
+    # "dots" keeps the weight matmuls' outputs and recomputes the cheap rest. True = "full".
+    remat: bool | str = False
+    logits_chunk: int = 256  # teacher forcing makes logits for this many positions at a time (0 = all at once)
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if isinstance(self.remat, bool):
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)} (or a bool)")
+        if self.logits_chunk < 0:
+            raise ValueError(f"logits_chunk must be >= 0 (0 = no chunking), got {self.logits_chunk}")
 
     @classmethod
     def smollm2_135m(cls, **overrides) -> "LlamaConfig":
@@ -133,7 +150,8 @@ class Llama(nnx.Module):
             self.value_w = self.value_b = None
 
     def __call__(self, tokens: Array, valid: Array, cache: Optional[KVCache] = None,
-                 index: Array | int = 0, last_only: bool = False, logits_start: int = 0) -> ModelOutput:
+                 index: Array | int = 0, last_only: bool = False, logits_start: int = 0,
+                 with_logits: bool = True, layers: Optional[list] = None) -> ModelOutput:
         """Runs the decoder.
 
         Args:
@@ -145,6 +163,12 @@ class Llama(nnx.Module):
             a prefill needs no more, and the output projection is ~20% of the FLOPs.
           logits_start: compute logits (and values) for slots [logits_start, T) only
             (a static int): teacher forcing needs none for the prompt.
+          with_logits: False skips the output projection (logits=None): `chunked_token_logp`
+            then makes them a chunk at a time from `hidden` and `output_weights()`.
+          layers: with a cache, `unstack_layers()` of these parameters, made once per
+            generation: the layers then run as a Python loop over separate arrays. In the
+            layer scan, XLA on CPU copies each layer's weights out of the stacked arrays
+            (all of them, once per decoded token: about half a decode step at batch 16).
         """
         c = self.config
         cdt = jnp.dtype(c.compute_dtype)
@@ -164,8 +188,7 @@ class Llama(nnx.Module):
         mask = (jnp.arange(size)[None, :] <= query_slot[:, None])[None] & key_valid[:, None, :]  # [B, T, S]
 
         x = self.embed[...][tokens].astype(cdt)
-        layer_params = (self.attn_norm[...], self.wq[...], self.wk[...], self.wv[...], self.wo[...],
-                        self.mlp_norm[...], self.w_gate[...], self.w_up[...], self.w_down[...])
+        layer_params = self._stacked_layers()
 
         def layer(x, params, attend):
             """One decoder layer; `attend(q, k, v)` → (attention output, extra carry)."""
@@ -186,8 +209,8 @@ class Llama(nnx.Module):
             def body(x, params):
                 return layer(x, params, lambda q, k, v: (_attention(q, k, v, mask, c.num_kv_heads), None))
 
-            if c.remat:  # keep only each layer's input for the backward pass
-                body = jax.checkpoint(body, prevent_cse=False)
+            if c.remat != "none":  # what the backward pass keeps of each layer: REMAT_POLICIES
+                body = jax.checkpoint(body, prevent_cse=False, policy=REMAT_POLICIES[c.remat])
             x, _ = jax.lax.scan(body, x, layer_params, unroll=unroll)
             new_cache = None
         else:
@@ -207,8 +230,14 @@ class Llama(nnx.Module):
                 x, (cache_k, cache_v) = layer(x, params, attend)
                 return (x, cache_k, cache_v, i + 1), None
 
-            (x, new_k, new_v, _), _ = jax.lax.scan(body, (x, cache.k, cache.v, jnp.int32(0)), layer_params,
-                                                   unroll=unroll)
+            if layers is None:
+                (x, new_k, new_v, _), _ = jax.lax.scan(body, (x, cache.k, cache.v, jnp.int32(0)), layer_params,
+                                                       unroll=unroll)
+            else:  # unstacked weights (`unstack_layers`): a Python loop over layers, nothing sliced
+                carry = (x, cache.k, cache.v, 0)
+                for params in layers:
+                    carry, _ = body(carry, params)
+                x, new_k, new_v, _ = carry
             new_cache = KVCache(new_k, new_v, key_valid)
 
         if last_only:
@@ -216,12 +245,27 @@ class Llama(nnx.Module):
         elif logits_start:
             x = x[:, logits_start:]
         hidden = _rms_norm(x, self.final_norm[...].astype(cdt), c.norm_eps)
-        out_w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        logits = jnp.dot(hidden, out_w.astype(cdt), preferred_element_type=jnp.float32).astype(jnp.float32)
+        logits = None
+        if with_logits:
+            logits = jnp.dot(hidden, self.output_weights(), preferred_element_type=jnp.float32).astype(jnp.float32)
         values = None
         if self.value_w is not None:
             values = (hidden.astype(jnp.float32) @ self.value_w[...].astype(jnp.float32))[..., 0] + self.value_b[...][0]
         return ModelOutput(logits=logits, values=values, cache=new_cache, hidden=hidden)
+
+    def _stacked_layers(self) -> tuple:
+        return (self.attn_norm[...], self.wq[...], self.wk[...], self.wv[...], self.wo[...],
+                self.mlp_norm[...], self.w_gate[...], self.w_up[...], self.w_down[...])
+
+    def unstack_layers(self) -> list:
+        """Per-layer parameter tuples sliced out of the stacked [L, ...] arrays (a copy of the
+        layer weights): pass them as `layers=` to every cached call of one generation."""
+        return [tuple(p[i] for p in self._stacked_layers()) for i in range(self.config.num_layers)]
+
+    def output_weights(self) -> Array:
+        """The output projection [D, V] in the compute dtype (the embedding's transpose when tied)."""
+        out_w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        return out_w.astype(jnp.dtype(self.config.compute_dtype))
 
 
 def _rms_norm(x: Array, scale: Array, eps: float) -> Array:
@@ -260,9 +304,10 @@ def _attention(q: Array, k: Array, v: Array, mask: Array, num_kv_heads: int) -> 
 # --- functional face: plain jax.jit over (graphdef, params) -----------------
 
 def forward(graphdef, params, tokens: Array, valid: Array, cache: Optional[KVCache] = None,
-            index: Array | int = 0, last_only: bool = False, logits_start: int = 0) -> ModelOutput:
+            index: Array | int = 0, last_only: bool = False, logits_start: int = 0,
+            with_logits: bool = True, layers: Optional[list] = None) -> ModelOutput:
     """The model as a pure function of its parameter state."""
-    return nnx.merge(graphdef, params)(tokens, valid, cache, index, last_only, logits_start)
+    return nnx.merge(graphdef, params)(tokens, valid, cache, index, last_only, logits_start, with_logits, layers)
 
 
 def token_logp_from_logits(logits: Array, targets: Array) -> Array:
@@ -271,6 +316,33 @@ def token_logp_from_logits(logits: Array, targets: Array) -> Array:
     logits = logits.astype(jnp.float32)
     chosen = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return chosen - jax.nn.logsumexp(logits, axis=-1)
+
+
+def chunked_token_logp(hidden: Array, out_w: Array, targets: Array, chunk: int) -> Array:
+    """log softmax(hidden @ out_w)[targets], `chunk` positions of logits at a time.
+
+    hidden [B, N, D], out_w [D, V], targets [B, N] int → [B, N] float32.
+    The full [B, N, V] logits (and, under grad, their softmax and cotangent) never
+    exist: a scan over chunks of the N axis, each recomputed in the backward pass
+    (jax.checkpoint), holds one [B, chunk / B, V] block at a time. The batch axis
+    stays whole, so a batch split over a mesh stays split. chunk = 0: all at once.
+    """
+    b, n, d = hidden.shape
+    if targets.shape != (b, n):
+        raise ValueError(f"targets {targets.shape} must be [B, N] = {(b, n)} to match hidden {hidden.shape}")
+    per_chunk = n if chunk <= 0 else max(1, min(n, chunk // b))
+
+    def block(h, t):
+        return token_logp_from_logits(jnp.dot(h, out_w, preferred_element_type=jnp.float32), t)
+
+    if per_chunk == n:
+        return block(hidden, targets)
+    num = -(-n // per_chunk)
+    pad = num * per_chunk - n
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, num, per_chunk, d).swapaxes(0, 1)
+    t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, num, per_chunk).swapaxes(0, 1)
+    _, logp = jax.lax.scan(jax.checkpoint(lambda _, ht: (None, block(*ht)), prevent_cse=False), None, (h, t))
+    return logp.swapaxes(0, 1).reshape(b, num * per_chunk)[:, :n]
 
 
 def continuation_logp(graphdef, params, prompt: Array, prompt_valid: Array, completion: Array,
@@ -290,7 +362,7 @@ def continuation_logp(graphdef, params, prompt: Array, prompt_valid: Array, comp
     valid = jnp.concatenate([prompt_valid, completion_mask], axis=1)
     p = prompt.shape[1]
     # Logits at slot i predict slot i + 1: only slots p − 1 … p + N − 2 are needed.
-    out = forward(graphdef, params, tokens[:, :-1], valid[:, :-1], logits_start=p - 1)
-    token_logp = jnp.where(completion_mask, token_logp_from_logits(out.logits, completion), 0.0)
-    values = out.values
-    return token_logp, values
+    model = nnx.merge(graphdef, params)
+    out = model(tokens[:, :-1], valid[:, :-1], logits_start=p - 1, with_logits=False)
+    token_logp = chunked_token_logp(out.hidden, model.output_weights(), completion, model.config.logits_chunk)
+    return jnp.where(completion_mask, token_logp, 0.0), out.values
