@@ -79,7 +79,7 @@ def build_model(config, shardings=None):
         model, tok = gguf_loader.load_gguf(config.get("gguf_path") or None, param_dtype=config.param_dtype,
                                            compute_dtype=config.compute_dtype, value_head=value_head,
                                            shardings=shardings, remat=config.get("remat", False),
-                                           logits_chunk=config.get("logits_chunk", 256))
+                                           logits_chunk=config.get("logits_chunk", 1024))
         graphdef, params = nnx.split(model)
         return graphdef, params, model.config, tok
     if config.model == "tiny":
@@ -87,7 +87,7 @@ def build_model(config, shardings=None):
         model_config = llama.LlamaConfig.tiny(vocab_size=tok.vocab_size, param_dtype=config.param_dtype,
                                               compute_dtype=config.compute_dtype, value_head=value_head,
                                               remat=config.get("remat", False),
-                                              logits_chunk=config.get("logits_chunk", 256))
+                                              logits_chunk=config.get("logits_chunk", 1024))
         graphdef, params = sharding.init_model_params(
             lambda: llama.Llama(model_config, rngs=nnx.Rngs(config.model_seed)), shardings)
         return graphdef, params, model_config, tok

@@ -55,7 +55,7 @@ class LlamaConfig:
     # "full" keeps only each layer's input and recomputes the layer (+1 forward of FLOPs),
     # "dots" keeps the weight matmuls' outputs and recomputes the cheap rest. True = "full".
     remat: bool | str = False
-    logits_chunk: int = 256  # teacher forcing makes logits for this many positions at a time (0 = all at once)
+    logits_chunk: int = 1024  # teacher forcing makes logits for this many positions at a time (0 = all at once)
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
