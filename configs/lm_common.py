@@ -28,6 +28,11 @@ def base_config() -> ml_collections.ConfigDict:
     # 1024 leaves batch 32 × 32 tokens whole (chunking it costs ~10% of the policy's
     # backward here) and bounds the logits of longer runs at 200 MB a block.
     c.logits_chunk = 1024
+    # Keep the frozen reference model in the GGUF file's own Q4_1/Q8_0 blocks (0.1 GB for
+    # SmolLM2 instead of 0.54 GB), dequantised a layer at a time as it runs: the same
+    # weights exactly (log-probs agree to float32 round-off). The policy is always float.
+    # Only for model="smollm2" (the tiny model has no GGUF).
+    c.quantized_reference = True
     # Device mesh over axes (data, fsdp, tensor); -1 = all remaining devices. Rules map the
     # model's logical axes to mesh axes ("a,b" for several, "" for replicated).
     c.mesh = ml_collections.ConfigDict()

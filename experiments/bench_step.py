@@ -17,7 +17,6 @@ matmul under jit measured in the same run. Writes experiments/results/bench_step
 
 import json
 import os
-import resource
 import statistics
 import time
 
@@ -29,7 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from configs import smollm2_sentiment
-from fdrl import train
+from fdrl import host_memory, train
 from fdrl.losses import fdpg_loss
 from fdrl.models import llama
 
@@ -120,7 +119,7 @@ def mesh_worker(shape):
     print("RESULT " + json.dumps(dict(
         update_seconds=statistics.median(update_times[1:]), step_seconds=statistics.median(step_times[1:]),
         update_flops=float(cost["flops"]), devices=jax.device_count(), device_kind=jax.devices()[0].device_kind,
-        peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)))
+        peak_rss_gb=host_memory.peak_rss_gb())))
 
 
 def mesh_compare():
@@ -208,9 +207,10 @@ def main(argv):
         start = time.perf_counter()
         state, scalars = trainer.step(state)
         float(scalars["loss"])
+        host_memory.release_free_heap()  # as the training loop does after each step
         times.append(time.perf_counter() - start)
     t_step = statistics.median(times)
-    peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    peak_rss_gb = host_memory.peak_rss_gb()
     peak_flops = matmul_rate(_REPEATS.value)
 
     prompt, valid, out, ctx = trainer.sample(state.params, key, config.batch_size)

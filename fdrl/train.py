@@ -29,11 +29,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fdrl import data, divergences, estimators, metrics, ppo, scorers, sharding
+from fdrl import data, divergences, estimators, host_memory, metrics, ppo, scorers, sharding
 from fdrl.checkpoint import checkpoint_manager, restore_checkpoint, save_checkpoint
 from fdrl.losses import fdpg_loss
 from fdrl.optim import make_optimizer
-from fdrl.models import gguf_loader, llama, tokenizer as tokenizer_lib
+from fdrl.models import gguf_loader, llama, quant, tokenizer as tokenizer_lib
 from fdrl.sampling import Sampler
 
 Array = jax.Array
@@ -79,7 +79,8 @@ def build_model(config, shardings=None):
         model, tok = gguf_loader.load_gguf(config.get("gguf_path") or None, param_dtype=config.param_dtype,
                                            compute_dtype=config.compute_dtype, value_head=value_head,
                                            shardings=shardings, remat=config.get("remat", False),
-                                           logits_chunk=config.get("logits_chunk", 1024))
+                                           logits_chunk=config.get("logits_chunk", 1024),
+                                           quantized=config.get("quantized_reference", False))
         graphdef, params = nnx.split(model)
         return graphdef, params, model.config, tok
     if config.model == "tiny":
@@ -146,12 +147,14 @@ def make_sampler(config, graphdef, model_config, tok, mesh=None, rules=None) -> 
 def init_state(config, num_contexts: int, optimizer, ref_params) -> LMTrainState:
     """The initial train state as a pure function of the reference parameters (jitted
     with out_shardings by the Trainer, so it is created on its shards)."""
-    # The policy gets its own buffers: the update donates them, the reference stays.
-    params = jax.tree.map(jnp.copy, ref_params)
+    # The policy gets its own float buffers (the update donates them; the reference stays,
+    # and may be quantised: config.quantized_reference).
+    params = quant.dequantize_tree(ref_params, jnp.dtype(config.param_dtype))
     return LMTrainState(
         params=params,
         opt_state=optimizer.init(params),
-        proposal_params=jax.tree.map(jnp.copy, ref_params) if config.proposal == "offpolicy" else None,
+        proposal_params=(quant.dequantize_tree(ref_params, jnp.dtype(config.param_dtype))
+                         if config.proposal == "offpolicy" else None),
         log_z=estimators.log_z_init(num_contexts if config.conditional else None),
         baseline=estimators.baseline_init(config.baseline_window),
         key=jax.random.PRNGKey(config.seed),
@@ -306,7 +309,8 @@ class StepParts(NamedTuple):
     """What the update needs on a mesh, derived once from the parameters' (abstract) shapes."""
 
     optimizer: optax.GradientTransformation
-    param_shardings: object  # nnx.State of NamedShardings
+    param_shardings: object  # nnx.State of NamedShardings (of the float policy)
+    ref_shardings: object  # the reference's: as param_shardings, Quantized weights replicated
     state_shardings: LMTrainState  # of NamedShardings
     abstract_state: LMTrainState  # ShapeDtypeStructs carrying state_shardings: a restore target
     init: object  # jitted ref_params -> LMTrainState, created on its shards
@@ -315,18 +319,20 @@ class StepParts(NamedTuple):
 
 def build_step(config, graphdef, params, num_contexts: int, mesh, rules) -> StepParts:
     """The optimiser, every sharding of the train state, and the update compiled once over
-    the mesh (in/out shardings, the old state donated). `params` may be abstract."""
+    the mesh (in/out shardings, the old state donated). `params` are the reference's (may
+    be abstract, may hold quant.Quantized weights)."""
     optimizer = make_optimizer(config)
-    params_shardings = sharding.param_shardings(params, mesh, rules)
+    params_shardings = sharding.param_shardings(quant.float_shapes(params), mesh, rules)
+    ref_shardings = quant.replicate_quantized(params_shardings, params, sharding.replicated(mesh))
     init = functools.partial(init_state, config, num_contexts, optimizer)
     abstract = jax.eval_shape(init, params)
     train_state_shardings = state_shardings(abstract, optimizer, params_shardings, mesh)
     batch_shardings = tuple(sharding.batch_sharding(mesh, rules, rank) for _, rank, _ in UPDATE_BATCH)
     update_fn = update if config.algo == "fdpg" else ppo_update
     jitted_update = jax.jit(functools.partial(update_fn, config, graphdef, optimizer),
-                            in_shardings=(params_shardings, train_state_shardings, *batch_shardings),
+                            in_shardings=(ref_shardings, train_state_shardings, *batch_shardings),
                             out_shardings=(train_state_shardings, sharding.replicated(mesh)), donate_argnums=(1,))
-    return StepParts(optimizer, params_shardings, train_state_shardings,
+    return StepParts(optimizer, params_shardings, ref_shardings, train_state_shardings,
                      sharding.with_shardings(abstract, train_state_shardings),
                      jax.jit(init, out_shardings=train_state_shardings), jitted_update)
 
@@ -368,7 +374,7 @@ class Trainer:
                                                       self.mesh, self.rules))
         parts = build_step(config, task.graphdef, task.ref_params, len(task.prompts), self.mesh, self.rules)
         # A no-op when build_task placed them; a task built elsewhere moves onto this mesh.
-        self.task = task._replace(ref_params=jax.device_put(task.ref_params, parts.param_shardings))
+        self.task = task._replace(ref_params=jax.device_put(task.ref_params, parts.ref_shardings))
         self.optimizer, self.param_shardings, self.state_shardings = (parts.optimizer, parts.param_shardings,
                                                                       parts.state_shardings)
         self.abstract_state, self._init, self._update = parts.abstract_state, parts.init, parts.update
@@ -416,8 +422,12 @@ class Trainer:
         step_key = jax.random.split(state.key)[1]
         sampler_params = state.params if state.proposal_params is None else state.proposal_params
         prompt, valid, out, ctx = self.sample(sampler_params, step_key, self.config.batch_size)
+        log_potential = self.score(out)  # waits for the sampler
+        # The sampler's freed buffers back to the OS before the update allocates its own
+        # (glibc keeps ~1 GB of them otherwise: fdrl.host_memory).
+        host_memory.release_free_heap()
         return self._update(self.task.ref_params, state, prompt, valid, out.tokens, out.mask, out.logp,
-                            self.score(out), ctx)
+                            log_potential, ctx)
 
     def evaluate(self, state: LMTrainState, key: Array) -> tuple[dict, list[str], list[str]]:
         """Metrics from fresh pure samples of π (temperature 1): estimates named in fdrl.metrics."""
@@ -545,6 +555,7 @@ def train_and_evaluate(config, task: Optional[Task] = None, log=print) -> dict:
         while int(state.step) < config.steps:
             state, scalars = trainer.step(state)
             scalars = {k: float(v) for k, v in scalars.items()}  # blocks on the step: no runaway dispatch
+            host_memory.release_free_heap()  # the update's freed buffers, before the next sampling
             for k, v in scalars.items():
                 # log Ẑ = −inf is exact while no sample has met a hard constraint.
                 if not np.isfinite(v) and not (k == "log_Z" and v == -np.inf):

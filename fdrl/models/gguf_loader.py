@@ -14,14 +14,18 @@ numpy forward that instead applies interleaved rotary to the stored weights.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from typing import Callable, Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
+from fdrl.models import quant
 from fdrl.models.llama import Llama, LlamaConfig
 from fdrl.sharding import put_global
 from fdrl.models.tokenizer import Tokenizer
@@ -75,50 +79,70 @@ def config_from_gguf(reader, **overrides) -> LlamaConfig:
     return LlamaConfig(**config)
 
 
-def read_tensors(reader) -> dict[str, np.ndarray]:
-    """Every tensor, dequantised to float32, in GGUF's [out, in] row layout."""
+def read_tensors(reader, keep_quantized: bool = False) -> dict:
+    """Every tensor in GGUF's [out, in] row layout: float32 arrays, dequantised; with
+    `keep_quantized`, Q4_1 and Q8_0 tensors stay as they are stored (quant.Quantized)."""
     import gguf
-    return {t.name: np.asarray(gguf.dequantize(t.data, t.tensor_type), np.float32).reshape(
-        tuple(int(d) for d in reversed(t.shape))) for t in reader.tensors}
+    tensors = {}
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape))
+        if keep_quantized and t.tensor_type.name in quant.KINDS and len(shape) == 2:
+            tensors[t.name] = quant.from_gguf_blocks(t.data, t.tensor_type.name, *shape)
+        else:
+            tensors[t.name] = np.asarray(gguf.dequantize(t.data, t.tensor_type), np.float32).reshape(shape)
+    return tensors
 
 
-def unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
-    """Undoes llama.cpp's q/k row permutation: [H·hd, in] interleaved → rotate-half."""
-    rows, cols = weight.shape
-    return weight.reshape(num_heads, rows // num_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+def unpermute_rotary_rows(weight, num_heads: int):
+    """Undoes llama.cpp's q/k row permutation: [H·hd, in] interleaved → rotate-half.
+    Whole rows move, so a Quantized weight's blocks move with them."""
+    if quant.is_quantized(weight):
+        return jax.tree.map(lambda a: unpermute_rotary_rows(a, num_heads), weight)
+    rows = weight.shape[0]
+    return weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(
+        weight.shape)
+
+
+def _transpose(weight):
+    """[out, in] → [in, out]; a Quantized weight only records it (its blocks stay in rows)."""
+    return dataclasses.replace(weight, transposed=not weight.transposed) if quant.is_quantized(weight) else weight.T
 
 
 def params_from_tensors(tensors: dict[str, np.ndarray], config: LlamaConfig) -> dict:
     """Our parameter arrays (pure dict) from GGUF tensors."""
     layers = range(config.num_layers)
-    stack = lambda fn: np.stack([fn(i) for i in layers])
+    stack = lambda fn: jax.tree.map(lambda *a: np.stack(a), *[fn(i) for i in layers])
     t = lambda name, i: tensors[f"blk.{i}.{name}.weight"]
     params = {
         "embed": tensors["token_embd.weight"],
         "attn_norm": stack(lambda i: t("attn_norm", i)),
-        "wq": stack(lambda i: unpermute_rotary_rows(t("attn_q", i), config.num_heads).T),
-        "wk": stack(lambda i: unpermute_rotary_rows(t("attn_k", i), config.num_kv_heads).T),
-        "wv": stack(lambda i: t("attn_v", i).T),
-        "wo": stack(lambda i: t("attn_output", i).T),
+        "wq": stack(lambda i: _transpose(unpermute_rotary_rows(t("attn_q", i), config.num_heads))),
+        "wk": stack(lambda i: _transpose(unpermute_rotary_rows(t("attn_k", i), config.num_kv_heads))),
+        "wv": stack(lambda i: _transpose(t("attn_v", i))),
+        "wo": stack(lambda i: _transpose(t("attn_output", i))),
         "mlp_norm": stack(lambda i: t("ffn_norm", i)),
-        "w_gate": stack(lambda i: t("ffn_gate", i).T),
-        "w_up": stack(lambda i: t("ffn_up", i).T),
-        "w_down": stack(lambda i: t("ffn_down", i).T),
+        "w_gate": stack(lambda i: _transpose(t("ffn_gate", i))),
+        "w_up": stack(lambda i: _transpose(t("ffn_up", i))),
+        "w_down": stack(lambda i: _transpose(t("ffn_down", i))),
         "final_norm": tensors["output_norm.weight"],
     }
     if not config.tie_embeddings:
-        params["lm_head"] = tensors["output.weight"].T
+        params["lm_head"] = _transpose(tensors["output.weight"])
     return params
 
 
 def load_gguf(path: Optional[str] = None, *, value_head: bool = False, param_dtype: str = "float32",
-              compute_dtype: str = "float32", seed: int = 0, shardings: Optional[Callable] = None, **overrides):
+              compute_dtype: str = "float32", seed: int = 0, shardings: Optional[Callable] = None,
+              quantized: bool = False, **overrides):
     """Loads a llama GGUF (SmolLM2 by default) into our model.
 
     Args:
       shardings: optional function from the abstract parameter State to a State
         of NamedShardings (fdrl.sharding.param_shardings): each weight goes from
         the host straight to its shards, never as a whole on one device.
+      quantized: keep the Q4_1/Q8_0 weights as stored (quant.Quantized, replicated on a
+        mesh), dequantised as the model runs: for a frozen model, 6× less memory and the
+        same values. Not for training (the optimiser needs float parameters).
       overrides: further LlamaConfig fields (remat, ...).
 
     Returns:
@@ -129,7 +153,7 @@ def load_gguf(path: Optional[str] = None, *, value_head: bool = False, param_dty
     reader = _reader(path)
     config = config_from_gguf(reader, value_head=value_head, param_dtype=param_dtype, compute_dtype=compute_dtype,
                               **overrides)
-    loaded = params_from_tensors(read_tensors(reader), config)
+    loaded = params_from_tensors(read_tensors(reader, keep_quantized=quantized), config)
     abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(seed)))
     graphdef, state = nnx.split(abstract)
     placement = nnx.to_pure_dict(shardings(state)) if shardings is not None else None
@@ -142,6 +166,10 @@ def load_gguf(path: Optional[str] = None, *, value_head: bool = False, param_dty
     for name, array in loaded.items():
         if tuple(pure[name].shape) != array.shape:
             raise ValueError(f"GGUF tensor for {name} has shape {array.shape}, model expects {pure[name].shape}")
+        if quant.is_quantized(array):
+            where = None if placement is None else NamedSharding(placement[name].mesh, PartitionSpec())
+            pure[name] = jax.tree.map(lambda a: jnp.asarray(a) if where is None else put_global(a, where), array)
+            continue
         array = np.asarray(array).astype(dtype)
         pure[name] = jnp.asarray(array) if placement is None else put_global(array, placement[name])
     nnx.replace_by_pure_dict(state, pure)

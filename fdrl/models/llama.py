@@ -259,8 +259,9 @@ class Llama(nnx.Module):
 
     def unstack_layers(self) -> list:
         """Per-layer parameter tuples sliced out of the stacked [L, ...] arrays (a copy of the
-        layer weights): pass them as `layers=` to every cached call of one generation."""
-        return [tuple(p[i] for p in self._stacked_layers()) for i in range(self.config.num_layers)]
+        layer weights, dequantised if they are quant.Quantized): pass them as `layers=` to
+        every cached call of one generation."""
+        return [tuple(p[i].astype(p.dtype) for p in self._stacked_layers()) for i in range(self.config.num_layers)]
 
     def output_weights(self) -> Array:
         """The output projection [D, V] in the compute dtype (the embedding's transpose when tied)."""
