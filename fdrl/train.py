@@ -153,8 +153,7 @@ def init_state(config, num_contexts: int, optimizer, ref_params) -> LMTrainState
     return LMTrainState(
         params=params,
         opt_state=optimizer.init(params),
-        proposal_params=(quant.dequantize_tree(ref_params, jnp.dtype(config.param_dtype))
-                         if config.proposal == "offpolicy" else None),
+        proposal_params=jax.tree.map(jnp.copy, params) if config.proposal == "offpolicy" else None,
         log_z=estimators.log_z_init(num_contexts if config.conditional else None),
         baseline=estimators.baseline_init(config.baseline_window),
         key=jax.random.PRNGKey(config.seed),
