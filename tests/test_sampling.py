@@ -107,6 +107,20 @@ def test_inverse_cdf_over_many_blocks_matches_softmax():
     assert 0.5 * np.abs(freq - probs).sum() < 0.02
 
 
+@pytest.mark.parametrize("temperature,top_p,top_k", [(2e-6, 1.0, 0), (1e-5, 1e-9, 0), (1e6, 1.0, 0),
+                                                     (float("inf"), 1.0, 0), (1.0, 1e-9, 5), (0.5, 0.3, 1)])
+def test_draws_stay_finite_at_the_extremes(temperature, top_p, top_k):
+    """Temperatures just above greedy or unbounded, a nucleus of one token, top-1: every draw
+    is a real token with a finite log-prob ≤ 0."""
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(8, 1000)) * 60, jnp.float32)
+    tok, lp = jax.jit(sampling.sample_token, static_argnums=3)(logits, jax.random.PRNGKey(0), jnp.float32(temperature),
+                                                               top_k, jnp.float32(top_p))
+    assert np.all(np.isfinite(lp)) and np.all(np.asarray(lp) <= 0)
+    assert np.all((0 <= np.asarray(tok)) & (np.asarray(tok) < 1000))
+    if top_p < 1e-6 or top_k == 1:  # only the mode survives
+        np.testing.assert_array_equal(tok, np.argmax(logits, -1))
+
+
 def test_bad_arguments(model):
     _, _, params = model
     sampler = make_sampler(model)
