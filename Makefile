@@ -31,6 +31,7 @@ bench: install
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python experiments/bench_sampler.py
 	$(BIN)/python experiments/bench_step.py
+	$(BIN)/python experiments/bench_memory.py
 	$(BIN)/python experiments/bench_step.py --mesh --steps=2 --batch=16 --remat=none
 	$(BIN)/python experiments/aot_compile.py
 

@@ -55,3 +55,16 @@ def test_train_entry_point_on_the_lm_path(tmp_path):
     assert "samples before training" in out.stdout and "samples after training" in out.stdout
     assert "| kl_p_pi |" in out.stdout
     assert (tmp_path / "metrics.png").stat().st_size > 5_000 and (tmp_path / "summary.md").exists()
+
+
+def test_memory_benchmark_reports_every_phase(tmp_path):
+    out = subprocess.run([sys.executable, "experiments/bench_memory.py", "--model=tiny", "--batch=8",
+                          "--new_tokens=4", "--steps=1", f"--out={tmp_path}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split(" | ") for line in (tmp_path / "bench_memory_tiny.md").read_text().splitlines()
+            if line.startswith("| ") and "GB" not in line]
+    assert [r[0].lstrip("| ") for r in rows][-2:] == ["trainer step (largest of 1)", "sampling call (largest of 1)"]
+    peaks = [float(r[1]) for r in rows]
+    assert len(peaks) == 6 and all(0.1 < p < 24 for p in peaks)
+    assert "temporaries" in (tmp_path / "bench_memory_tiny.md").read_text()

@@ -1,0 +1,108 @@
+r"""Peak resident memory of the f-DPG trainer, phase by phase (Linux).
+
+  python experiments/bench_memory.py                 # SmolLM2, batch 32 × 32 new tokens, on-policy js
+  python experiments/bench_memory.py --model=tiny
+
+The process's peak (VmHWM in /proc/self/status) is reset between phases by writing
+5 to /proc/self/clear_refs, so each row is the peak of that phase alone: loading,
+the train state, the first sampling call (which compiles), the first trainer step
+(which compiles the update), then --steps steps and --steps sampling calls after
+them (their largest peak). Freed heap is released between phases, as the training
+loop does. Writes experiments/results/bench_memory{,_tiny}.md.
+"""
+
+import os
+
+from absl import app, flags
+
+import common
+import jax
+
+from configs import smollm2_sentiment
+from fdrl import host_memory, train
+
+_MODEL = flags.DEFINE_enum("model", "smollm2", ["smollm2", "tiny"], "Model to measure.")
+_BATCH = flags.DEFINE_integer("batch", 32, "Samples per step.")
+_NEW = flags.DEFINE_integer("new_tokens", 32, "New tokens per sample.")
+_STEPS = flags.DEFINE_integer("steps", 2, "Steps (and sampling calls) after the first, for the steady peaks.")
+_OUT = flags.DEFINE_string("out", "experiments/results", "Output folder.")
+
+
+def _status_gb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024 / 1e9  # kB (KiB) → GB
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident size
+
+
+def main(argv):
+    del argv
+    if not os.path.exists("/proc/self/clear_refs"):
+        raise SystemExit("bench_memory needs Linux (/proc/self/clear_refs to reset the peak)")
+    rows = []
+
+    def phase(name):
+        rows.append([name, f"{_status_gb('VmHWM'):.2f}", f"{_status_gb('VmRSS'):.2f}"])
+        host_memory.release_free_heap()
+        _reset_peak()
+
+    config = smollm2_sentiment.get_config()
+    config.update(dict(model=_MODEL.value, batch_size=_BATCH.value, max_new_tokens=_NEW.value, f="js",
+                       progress_bar=False))
+    trainer = train.Trainer(config)
+    phase("load (runtime, tokenizer, prompts, reference)")
+    state = jax.block_until_ready(trainer.init_state())
+    phase("train state (policy, Adam moments)")
+
+    def sample(i):
+        out = trainer.sample(state.params, jax.random.PRNGKey(i), config.batch_size)
+        jax.block_until_ready(out)
+
+    sample(0)
+    phase("first sampling call (compiles)")
+    state, scalars = trainer.step(state)
+    float(scalars["loss"])
+    phase("first trainer step (compiles the update)")
+    steps, samples = [], []
+    for i in range(_STEPS.value):
+        state, scalars = trainer.step(state)
+        float(scalars["loss"])
+        steps.append(_status_gb("VmHWM"))
+        host_memory.release_free_heap()
+        _reset_peak()
+    for i in range(_STEPS.value):
+        sample(i + 1)
+        samples.append(_status_gb("VmHWM"))
+        host_memory.release_free_heap()
+        _reset_peak()
+    rows.append([f"trainer step (largest of {_STEPS.value})", f"{max(steps):.2f}", ""])
+    rows.append([f"sampling call (largest of {_STEPS.value})", f"{max(samples):.2f}", ""])
+    # What XLA plans for the update: its arguments (reference + train state) and temporaries.
+    prompt, valid, out, ctx = trainer.sample(state.params, jax.random.PRNGKey(0), config.batch_size)
+    batch = (prompt, valid, out.tokens, out.mask, out.logp, trainer.score(out), ctx)
+    plan = trainer._update.lower(trainer.task.ref_params, trainer.abstract_state, *batch).compile().memory_analysis()
+    report = "\n".join([
+        f"# Trainer memory by phase: {_MODEL.value}, batch {config.batch_size} × {config.max_new_tokens} new tokens, "
+        f"on-policy js", "",
+        f"Command: `python experiments/bench_memory.py --model={_MODEL.value}`", "",
+        f"jax {jax.__version__}, {os.cpu_count()} cores; remat {config.remat}, quantized_reference "
+        f"{config.quantized_reference} (SmolLM2 only). GB = 10⁹ bytes.", "",
+        common.markdown_table(["phase", "peak GB", "resident after, GB"], rows), "",
+        f"XLA's memory analysis of the update (`compile().memory_analysis()`): arguments "
+        f"{plan.argument_size_in_bytes / 1e9:.2f} GB (reference and train state), temporaries "
+        f"{plan.temp_size_in_bytes / 1e9:.2f} GB (gradients, logits, saved activations), outputs "
+        f"{plan.output_size_in_bytes / 1e9:.2f} GB of which {plan.alias_size_in_bytes / 1e9:.2f} GB alias the "
+        "donated state.",
+    ])
+    suffix = "" if _MODEL.value == "smollm2" else f"_{_MODEL.value}"
+    common.write_results(_OUT.value, f"bench_memory{suffix}", report)
+
+
+if __name__ == "__main__":
+    app.run(main)
