@@ -319,6 +319,40 @@ def token_logp_from_logits(logits: Array, targets: Array) -> Array:
     return chosen - jax.nn.logsumexp(logits, axis=-1)
 
 
+@jax.custom_vjp
+def _projected_token_logp(hidden: Array, out_w: Array, targets: Array) -> Array:
+    """token_logp_from_logits(hidden @ out_w, targets): hidden [..., D], out_w [D, V],
+    targets [...] int → [...] float32, with a backward pass written for memory (below)."""
+    return token_logp_from_logits(jnp.dot(hidden, out_w, preferred_element_type=jnp.float32), targets)
+
+
+def _projected_token_logp_fwd(hidden, out_w, targets):
+    logits = jnp.dot(hidden, out_w, preferred_element_type=jnp.float32)
+    log_norm = jax.nn.logsumexp(logits, axis=-1)
+    chosen = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return chosen - log_norm, (hidden, out_w, targets, logits, log_norm)
+
+
+def _projected_token_logp_bwd(residuals, g):
+    """Written for memory. The logits' cotangent g·(onehot(target) − softmax) is one
+    elementwise pass over the logits (autodiff makes a scatter of g and a
+    transposed copy: two more [..., V] buffers). Both projections' gradients are made
+    from it at once, and the hidden states' gradient is made to depend on the output
+    weights' one: XLA otherwise defers the weights' gradient past the layers' backward
+    pass, holding the [..., V] cotangent through all of it. (An optimization_barrier
+    does not hold: XLA on CPU expands it away before ordering the instructions.)"""
+    hidden, out_w, targets, logits, log_norm = residuals
+    onehot = jnp.arange(logits.shape[-1]) == targets[..., None]
+    d_logits = (g[..., None] * (onehot - jnp.exp(logits - log_norm[..., None]))).astype(out_w.dtype)
+    d_out_w = jnp.einsum("...d,...v->dv", hidden, d_logits, preferred_element_type=jnp.float32).astype(out_w.dtype)
+    d_hidden = jnp.dot(d_logits, out_w.T, preferred_element_type=jnp.float32)
+    d_hidden = (d_hidden + 0 * d_out_w[0, 0]).astype(hidden.dtype)  # the ordering dependency (0·x: XLA keeps it)
+    return d_hidden, d_out_w, None
+
+
+_projected_token_logp.defvjp(_projected_token_logp_fwd, _projected_token_logp_bwd)
+
+
 def chunked_token_logp(hidden: Array, out_w: Array, targets: Array, chunk: int) -> Array:
     """log softmax(hidden @ out_w)[targets], `chunk` positions of logits at a time.
 
@@ -334,7 +368,7 @@ def chunked_token_logp(hidden: Array, out_w: Array, targets: Array, chunk: int) 
     per_chunk = n if chunk <= 0 else max(1, min(n, chunk // b))
 
     def block(h, t):
-        return token_logp_from_logits(jnp.dot(h, out_w, preferred_element_type=jnp.float32), t)
+        return _projected_token_logp(h, out_w, t)
 
     if per_chunk == n:
         return block(hidden, targets)
