@@ -5,9 +5,9 @@ r"""Peak resident memory of the f-DPG trainer, phase by phase (Linux).
 
 The process's peak (VmHWM in /proc/self/status) is reset between phases by writing
 5 to /proc/self/clear_refs, so each row is the peak of that phase alone: loading,
-the train state, the first sampling call (which compiles), the first trainer step
-(which compiles the update), then --steps steps and --steps sampling calls after
-them (their largest peak). Freed heap is released between phases, as the training
+compiling ahead (Trainer.compile, as the training loop does before the state exists),
+the train state, the first sampling call, the first trainer step, then --steps steps
+and --steps sampling calls after them (their largest peak). Freed heap is released between phases, as the training
 loop does. Writes experiments/results/bench_memory{,_tiny}.md.
 """
 
@@ -57,6 +57,8 @@ def main(argv):
                        progress_bar=False))
     trainer = train.Trainer(config)
     phase("load (runtime, tokenizer, prompts, reference)")
+    trainer.compile()
+    phase("compile ahead (update, sampler, scoring; no train state yet)")
     state = jax.block_until_ready(trainer.init_state())
     phase("train state (policy, Adam moments)")
 
@@ -65,10 +67,10 @@ def main(argv):
         jax.block_until_ready(out)
 
     sample(0)
-    phase("first sampling call (compiles)")
+    phase("first sampling call")
     state, scalars = trainer.step(state)
     float(scalars["loss"])
-    phase("first trainer step (compiles the update)")
+    phase("first trainer step")
     steps, samples = [], []
     for i in range(_STEPS.value):
         state, scalars = trainer.step(state)

@@ -164,8 +164,19 @@ class Sampler:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        return self._jitted(params, jnp.asarray(prompt, jnp.int32), jnp.asarray(prompt_valid, bool), key,
-                            jnp.float32(temperature), jnp.float32(top_p))
+        return self._jitted(*self._args(params, prompt, prompt_valid, key, temperature, top_p))
+
+    def lower(self, params, prompt: Array, prompt_valid: Array, key: Array, temperature: float = 1.0,
+              top_p: float = 1.0):
+        """The jitted sampler lowered for these arguments, as `__call__` passes them; params
+        may be abstract (ShapeDtypeStructs). `.compile()` it ahead of time: a later call with
+        arrays of the same shapes and shardings reuses the executable."""
+        return self._jitted.lower(*self._args(params, prompt, prompt_valid, key, temperature, top_p))
+
+    @staticmethod
+    def _args(params, prompt, prompt_valid, key, temperature, top_p):
+        return (params, jnp.asarray(prompt, jnp.int32), jnp.asarray(prompt_valid, bool), key,
+                jnp.float32(temperature), jnp.float32(top_p))
 
     def _sample(self, params, prompt, prompt_valid, key, temperature, top_p) -> SampleOutput:
         self.trace_count += 1

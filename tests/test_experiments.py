@@ -66,5 +66,5 @@ def test_memory_benchmark_reports_every_phase(tmp_path):
             if line.startswith("| ") and "GB" not in line]
     assert [r[0].lstrip("| ") for r in rows][-2:] == ["trainer step (largest of 1)", "sampling call (largest of 1)"]
     peaks = [float(r[1]) for r in rows]
-    assert len(peaks) == 6 and all(0.1 < p < 24 for p in peaks)
+    assert len(peaks) == 7 and all(0.1 < p < 24 for p in peaks)
     assert "temporaries" in (tmp_path / "bench_memory_tiny.md").read_text()

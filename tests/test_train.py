@@ -1,6 +1,7 @@
 """The text f-DPG loop on the tiny random model (SmolLM2's tokenizer, real prompts)."""
 
 import json
+import logging
 import math
 
 import jax
@@ -90,3 +91,27 @@ def test_two_ppo_steps_on_the_tiny_model(algo, tmp_path):
     assert trainer.task.model_config.value_head
     if algo == "ppo":
         assert float(state.kl.beta) != 0.1  # the adaptive controller moved
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(top_k=5, eval_batch_size=4, proposal="offpolicy")],
+                         ids=["default", "topk-offpolicy"])
+def test_compile_ahead_covers_the_whole_run(overrides, tmp_path, monkeypatch, caplog):
+    """Trainer.compile() compiles, before any train state exists, everything the run then
+    calls: XLA compiles none of the update, the sampler or the scoring again during λ
+    fitting, training and evaluation (a key split from the train state and one made on
+    the host once compiled the sampler twice)."""
+    config = smoke(smollm2_gender, tmp_path, steps=2, eval_every=2, **overrides)
+    trainer = train.Trainer(config)
+    caplog.set_level(logging.DEBUG, logger="jax._src.dispatch")
+    trainer.compile()
+    names = ("jit(update)", "jit(_sample)", "jit(sequence_logp)")
+    ahead = [r.getMessage() for r in caplog.records if "Finished XLA compilation" in r.getMessage()]
+    assert all(any(n in m for m in ahead) for n in names), ahead
+    caplog.clear()
+    traced = trainer.task.sampler.trace_count
+    monkeypatch.setattr(train, "Trainer", lambda *args, **kwargs: trainer)
+    out = train.train_and_evaluate(config, log=lambda s: None)
+    assert int(out["state"].step) == 2
+    during = [r.getMessage() for r in caplog.records if "Finished XLA compilation" in r.getMessage()]
+    assert not [m for m in during if any(n in m for n in names)], during
+    assert trainer.task.sampler.trace_count == traced
