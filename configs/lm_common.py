@@ -28,6 +28,10 @@ def base_config() -> ml_collections.ConfigDict:
     # 1024 leaves batch 32 × 32 tokens whole (chunking it costs ~10% of the policy's
     # backward here) and bounds the logits of longer runs at 200 MB a block.
     c.logits_chunk = 1024
+    # On CPU, compile the update with XLA's memory-minimising instruction order instead of
+    # the default concurrency-optimised one (fdrl.train.update_compiler_options): 0.28 GB
+    # less at SmolLM2's batch 32 × 32, no slower on 2 cores. No effect on GPU/TPU.
+    c.memory_scheduler = True
     # Keep the frozen reference model in the GGUF file's own Q4_1/Q8_0 blocks (0.1 GB for
     # SmolLM2 instead of 0.54 GB), dequantised a layer at a time as it runs: the same
     # weights exactly (log-probs agree to float32 round-off). The policy is always float.
@@ -93,6 +97,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.adam.b2 = 0.999
     c.adam.eps = 1e-8
     c.adam.weight_decay = 0.0  # > 0: AdamW (decoupled decay)
+    # Adam's first moment in bfloat16 (fdrl.optim.scale_by_adam_stored_mu): 0.27 GB less for
+    # SmolLM2, steps within 2⁻⁹ of the moment. "" = float32, optax's Adam exactly.
+    c.adam.mu_dtype = "bfloat16"
     c.steps = 100
     c.seed = 0
     # Logging, evaluation, checkpoints.

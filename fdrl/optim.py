@@ -46,6 +46,35 @@ def float32_master(inner: optax.GradientTransformation) -> optax.GradientTransfo
     return optax.GradientTransformation(init, update)
 
 
+def scale_by_adam_stored_mu(b1: float, b2: float, eps: float, mu_dtype) -> optax.GradientTransformation:
+    """optax.scale_by_adam with the first moment kept in `mu_dtype` (e.g. bfloat16: half its
+    memory) and the step taken from the moment as stored, rounded, rather than from its
+    float32 value before rounding as optax does. The difference is ≤ 2⁻⁹ of the moment;
+    what it buys is memory: XLA otherwise holds the unrounded moment, a float32 copy of
+    every parameter, between making it and using it. The second moment stays float32
+    (an average of squares with b2 = 0.999 moves by less than bfloat16 can resolve)."""
+    mu_dtype = jnp.dtype(mu_dtype)
+
+    def init(params):
+        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32),
+                                      mu=jax.tree.map(lambda p: jnp.zeros(p.shape, mu_dtype), params),
+                                      nu=jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+
+    def update(grads, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        bc1 = 1 - jnp.asarray(b1, jnp.float32) ** count
+        bc2 = 1 - jnp.asarray(b2, jnp.float32) ** count
+        mu = jax.tree.map(lambda g, m: (b1 * m.astype(jnp.float32) + (1 - b1) * g).astype(mu_dtype),
+                          grads, state.mu)
+        nu = jax.tree.map(lambda g, v: b2 * v + (1 - b2) * jnp.square(g.astype(jnp.float32)), grads, state.nu)
+        steps = jax.tree.map(lambda m, v, g: ((m.astype(jnp.float32) / bc1) / (jnp.sqrt(v / bc2) + eps)).astype(g.dtype),
+                             mu, nu, grads)
+        return steps, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
     """AdamW (weight_decay 0 = Adam) with optional global-norm clipping; float32 master
     weights when the parameters are low precision."""
@@ -54,7 +83,14 @@ def make_optimizer(config) -> optax.GradientTransformation:
     parts = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip > 0 else []
     adam = config.get("adam")  # absent from the toy configs: optax's Adam defaults
     b1, b2, eps, wd = (0.9, 0.999, 1e-8, 0.0) if adam is None else (adam.b1, adam.b2, adam.eps, adam.weight_decay)
-    optimizer = optax.chain(*parts, optax.adamw(config.learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=wd))
+    mu_dtype = None if adam is None else adam.get("mu_dtype") or None
+    if mu_dtype is None:
+        adamw = optax.adamw(config.learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=wd)
+    else:
+        adamw = optax.chain(scale_by_adam_stored_mu(b1, b2, eps, mu_dtype),
+                            optax.add_decayed_weights(wd) if wd else optax.identity(),
+                            optax.scale_by_learning_rate(config.learning_rate))
+    optimizer = optax.chain(*parts, adamw)
     if jnp.dtype(config.get("param_dtype", "float32")) != jnp.float32:
         optimizer = float32_master(optimizer)
     return optimizer
