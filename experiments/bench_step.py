@@ -233,10 +233,11 @@ def main(argv):
     n_body = mc.num_params() - out_proj
     n_params = mc.num_params()
     b, p_len, n_new = config.batch_size, prompt.shape[1], config.max_new_tokens
-    positions = b * (p_len + n_new)
+    # The sampler runs the prompt and every new token but the last (nothing follows it).
+    positions = b * (p_len + n_new - 1)
     forward_flops = lambda body_pos, logit_pos: 2.0 * (n_body * body_pos + out_proj * logit_pos)
     # Sampling: prefill (logits at the last slot) + one position per decode step.
-    rows.append(("sample", t_sample, forward_flops(positions, b * (1 + n_new)),
+    rows.append(("sample", t_sample, forward_flops(positions, b * n_new),
                  xla_flops(sampler._jitted, *sample_args)))
     # Teacher forcing reads P + N − 1 slots and makes logits for the N completion tokens.
     scored = b * (p_len + n_new - 1)
@@ -248,12 +249,20 @@ def main(argv):
 
     log_P = ref_logp + log_potential
 
-    def policy_loss(params, prompt, valid, tokens, mask, log_P):
-        policy_logp = jnp.sum(llama.continuation_logp(graphdef, params, prompt, valid, tokens, mask)[0], 1)
-        return fdpg_loss("js", policy_logp, log_P=log_P)[0]
+    # As the trainer's update: from the sampler's saved layer inputs when it reuses them
+    # (the policy's forward then runs inside the backward pass, a layer at a time), else
+    # teacher forcing's forward and backward.
+    def policy_loss(params, prompt, valid, tokens, mask, log_P, *states_and_logp):
+        if states_and_logp:
+            tok_logp = llama.continuation_logp_from_states(graphdef, params, prompt, valid, tokens, mask,
+                                                           *states_and_logp)
+        else:
+            tok_logp = llama.continuation_logp(graphdef, params, prompt, valid, tokens, mask)[0]
+        return fdpg_loss("js", jnp.sum(tok_logp, 1), log_P=log_P)[0]
 
     grad_fn = jax.jit(jax.value_and_grad(policy_loss))
-    grad_args = (state.params, prompt, valid, out.tokens, out.mask, log_P)
+    reuse = train.reuses_sampler_states(config)
+    grad_args = (state.params, prompt, valid, out.tokens, out.mask, log_P) + ((out.states, out.logp) if reuse else ())
     t_grad, (_, grads) = timed(grad_fn, *grad_args, repeats=_REPEATS.value)
     rows.append(("policy fwd+bwd", t_grad, 3 * forward_flops(scored, b * n_new), xla_flops(grad_fn, *grad_args)))
 
@@ -296,7 +305,8 @@ def main(argv):
     lines += ["", f"GFLOP: analytic matmul FLOPs: a forward is 2·N_body per position read plus 2·V·D per position "
               f"that gets logits (N_body = {n_body / 1e6:.1f}M of the {n_params / 1e6:.1f}M parameters; V·D = "
               f"{out_proj / 1e6:.1f}M, the tied embedding); forward+backward is 3×. Sampling reads {positions} "
-              f"positions (prompt bucket {p_len} + {n_new} new) with logits at {b * (1 + n_new)}; teacher forcing reads "
+              f"positions (prompt bucket {p_len} + {n_new} new tokens but the last, which needs no forward pass) with logits "
+              f"at {b * n_new}; teacher forcing reads "
               f"{scored} with logits at the {b * n_new} completion positions. "
               "XLA's compiled cost analysis is shown beside it: it counts a loop body (the scan over layers, the "
               "decode while_loop) once.",

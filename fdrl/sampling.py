@@ -16,7 +16,7 @@ temperature 1 and no truncation they equal the model's own log-probs.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,9 @@ class SampleOutput(NamedTuple):
     tokens: Array  # [B, N] generated ids (pad after EOS)
     mask: Array  # [B, N] bool: real generated tokens, EOS included
     logp: Array  # [B, N] float32 sampler log-probs, 0 where masked
+    # [B, L + 1, P + N − 1, D] with keep_states: every layer's input at every slot the model
+    # read, and the last layer's output (llama.continuation_logp_from_states); else None.
+    states: Optional[Array] = None
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, buckets: Sequence[int] = DEFAULT_BUCKETS):
@@ -139,9 +142,13 @@ class Sampler:
     """
 
     def __init__(self, graphdef, model_config, *, max_new_tokens: int, eos_id: int, pad_id: int,
-                 top_k: int = 0, buckets: Sequence[int] = DEFAULT_BUCKETS, out_sharding=None):
+                 top_k: int = 0, buckets: Sequence[int] = DEFAULT_BUCKETS, out_sharding=None,
+                 keep_states: bool = False, states_sharding=None):
         """out_sharding: optional sharding of the [B, N] outputs (fdrl.sharding.batch_sharding):
-        on a mesh the batch stays split over the data axes from the prompt to the update."""
+        on a mesh the batch stays split over the data axes from the prompt to the update.
+        keep_states: also return the layers' inputs (SampleOutput.states, sharded by
+        `states_sharding`), so that an update can differentiate the policy's log-probs
+        without a forward pass (llama.continuation_logp_from_states)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if top_k < 0 or top_k > model_config.vocab_size:
@@ -149,9 +156,11 @@ class Sampler:
         self.graphdef, self.model_config = graphdef, model_config
         self.max_new_tokens, self.eos_id, self.pad_id, self.top_k = max_new_tokens, eos_id, pad_id, top_k
         self.buckets = tuple(sorted(buckets))
+        self.keep_states = keep_states
         self.trace_count = 0  # how many times the jitted function was traced (tests)
         self._jitted = jax.jit(self._sample, out_shardings=None if out_sharding is None else
-                               SampleOutput(out_sharding, out_sharding, out_sharding))
+                               SampleOutput(out_sharding, out_sharding, out_sharding,
+                                            states_sharding if keep_states else None))
 
     def pad(self, prompts: Sequence[Sequence[int]]):
         return pad_prompts(prompts, self.pad_id, self.buckets)
@@ -185,14 +194,16 @@ class Sampler:
         cache = KVCache.init(self.model_config, batch, prompt_len + steps)
         # Each layer's weights sliced out once per generation, not once per token (see `layers`).
         layers = nnx.merge(self.graphdef, params).unstack_layers()
-        out = forward(self.graphdef, params, prompt, prompt_valid, cache, 0, last_only=True, layers=layers)
+        out = forward(self.graphdef, params, prompt, prompt_valid, cache, 0, last_only=True, layers=layers,
+                      with_states=self.keep_states)
+        states = None
+        if self.keep_states:  # slots the model reads: the prompt and every new token but the last
+            c = self.model_config
+            states = jnp.zeros((batch, c.num_layers + 1, prompt_len + steps - 1, c.hidden_dim), out.states.dtype)
+            states = jax.lax.dynamic_update_slice(states, out.states, (0, 0, 0, 0))
 
-        def cond(carry):
-            t, _, _, _, _, _, done, _ = carry
-            return (t < steps) & ~jnp.all(done)
-
-        def body(carry):
-            t, cache, logits, tokens, mask, logp, done, key = carry
+        def emit(t, logits, tokens, mask, logp, done, key):
+            """Draws token t of every unfinished row from logits [B, V] and records it."""
             key, sub = jax.random.split(key)
             token, token_logp = sample_token(logits, sub, temperature, self.top_k, top_p)
             real = ~done
@@ -200,12 +211,26 @@ class Sampler:
             tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, t))
             mask = jax.lax.dynamic_update_slice(mask, real[:, None], (0, t))
             logp = jax.lax.dynamic_update_slice(logp, jnp.where(real, token_logp, 0.0)[:, None], (0, t))
-            done = done | (token == self.eos_id)
-            step = forward(self.graphdef, params, token[:, None], real[:, None], cache, prompt_len + t, layers=layers)
-            return t + 1, step.cache, step.logits[:, 0], tokens, mask, logp, done, key
+            return token, real, tokens, mask, logp, done | (token == self.eos_id), key
+
+        def cond(carry):
+            t, _, _, _, _, _, done, _, _ = carry
+            return (t < steps - 1) & ~jnp.all(done)
+
+        def body(carry):
+            t, cache, logits, tokens, mask, logp, done, key, states = carry
+            token, real, tokens, mask, logp, done, key = emit(t, logits, tokens, mask, logp, done, key)
+            step = forward(self.graphdef, params, token[:, None], real[:, None], cache, prompt_len + t, layers=layers,
+                           with_states=self.keep_states)
+            if self.keep_states:
+                states = jax.lax.dynamic_update_slice(states, step.states, (0, 0, prompt_len + t, 0))
+            return t + 1, step.cache, step.logits[:, 0], tokens, mask, logp, done, key, states
 
         carry = (jnp.int32(0), out.cache, out.logits[:, -1],
                  jnp.full((batch, steps), self.pad_id, jnp.int32), jnp.zeros((batch, steps), bool),
-                 jnp.zeros((batch, steps), jnp.float32), jnp.zeros((batch,), bool), key)
-        _, _, _, tokens, mask, logp, _, _ = jax.lax.while_loop(cond, body, carry)
-        return SampleOutput(tokens=tokens, mask=mask, logp=logp)
+                 jnp.zeros((batch, steps), jnp.float32), jnp.zeros((batch,), bool), key, states)
+        t, _, logits, tokens, mask, logp, done, key, states = jax.lax.while_loop(cond, body, carry)
+        # The last token needs no forward pass after it: drawn outside the loop. When every
+        # row finished early this records nothing (rows that are done stay pad / masked).
+        _, _, tokens, mask, logp, _, _ = emit(t, logits, tokens, mask, logp, done, key)
+        return SampleOutput(tokens=tokens, mask=mask, logp=logp, states=states)

@@ -141,7 +141,9 @@ def build_task(config, mesh=None, rules=None) -> Task:
 def make_sampler(config, graphdef, model_config, tok, mesh=None, rules=None) -> Sampler:
     return Sampler(graphdef, model_config, max_new_tokens=config.max_new_tokens, eos_id=tok.eos_id,
                    pad_id=tok.pad_id, top_k=config.top_k,
-                   out_sharding=None if mesh is None else sharding.batch_sharding(mesh, rules, 2))
+                   out_sharding=None if mesh is None else sharding.batch_sharding(mesh, rules, 2),
+                   keep_states=reuses_sampler_states(config),
+                   states_sharding=None if mesh is None else sharding.batch_sharding(mesh, rules, 4))
 
 
 def init_state(config, num_contexts: int, optimizer, ref_params) -> LMTrainState:
@@ -189,9 +191,19 @@ def _is_pure_sampling(config) -> bool:
     return config.temperature == 1.0 and config.top_k == 0 and config.top_p == 1.0
 
 
+def reuses_sampler_states(config) -> bool:
+    """Whether the update differentiates the policy from the sampler's saved layer inputs
+    (llama.continuation_logp_from_states) instead of a forward pass of its own: asked for
+    (`config.reuse_sampler_states`) and possible, i.e. f-DPG drawing from π itself
+    (on-policy, temperature 1, no top-k or top-p), so that the sampler ran π's forward."""
+    return (bool(config.get("reuse_sampler_states", False)) and config.algo == "fdpg"
+            and config.proposal != "offpolicy" and _is_pure_sampling(config))
+
+
 def update(config, graphdef, optimizer, ref_params, state: LMTrainState, prompt, prompt_valid, completion, mask,
-           sampler_logp, log_potential, context_ids):
-    """The jitted part of a step. Returns (state, scalars)."""
+           sampler_logp, log_potential, context_ids, states=None):
+    """The jitted part of a step. Returns (state, scalars). `states`: the sampler's
+    (reuses_sampler_states), which replace the policy's forward pass."""
     state = _advance_key(state)
     div = divergences.get_divergence(config.f, alpha=config.get("alpha"))
     ref_tok, _ = llama.continuation_logp(graphdef, ref_params, prompt, prompt_valid, completion, mask)
@@ -206,7 +218,11 @@ def update(config, graphdef, optimizer, ref_params, state: LMTrainState, prompt,
     baseline_fn = functools.partial(estimators.compute_baseline, config.baseline, state.baseline)
 
     def loss_fn(params):
-        tok_logp, _ = llama.continuation_logp(graphdef, params, prompt, prompt_valid, completion, mask)
+        if states is None:
+            tok_logp, _ = llama.continuation_logp(graphdef, params, prompt, prompt_valid, completion, mask)
+        else:
+            tok_logp = llama.continuation_logp_from_states(graphdef, params, prompt, prompt_valid, completion, mask,
+                                                           states, sampler_logp)
         policy_logp = jnp.sum(tok_logp, axis=1)
         loss, diag = fdpg_loss(div, policy_logp, log_P=log_P, proposal_logp=proposal_logp if weighted else None,
                                log_Z=log_Z, baseline=baseline_fn, max_abs_u=config.max_abs_u)
@@ -313,7 +329,7 @@ class StepParts(NamedTuple):
     state_shardings: LMTrainState  # of NamedShardings
     abstract_state: LMTrainState  # ShapeDtypeStructs carrying state_shardings: a restore target
     init: object  # jitted ref_params -> LMTrainState, created on its shards
-    update: object  # jitted update: (ref_params, state, *UPDATE_BATCH) -> (state, scalars)
+    update: object  # jitted update: (ref_params, state, *UPDATE_BATCH[, states]) -> (state, scalars)
 
 
 def update_compiler_options(config, mesh) -> Optional[dict]:
@@ -339,6 +355,8 @@ def build_step(config, graphdef, params, num_contexts: int, mesh, rules) -> Step
     abstract = jax.eval_shape(init, params)
     train_state_shardings = state_shardings(abstract, optimizer, params_shardings, mesh)
     batch_shardings = tuple(sharding.batch_sharding(mesh, rules, rank) for _, rank, _ in UPDATE_BATCH)
+    if reuses_sampler_states(config):  # the sampler's SampleOutput.states, [B, L + 1, slots, D]
+        batch_shardings += (sharding.batch_sharding(mesh, rules, 4),)
     update_fn = update if config.algo == "fdpg" else ppo_update
     jitted_update = jax.jit(functools.partial(update_fn, config, graphdef, optimizer),
                             in_shardings=(ref_shardings, train_state_shardings, *batch_shardings),
@@ -361,8 +379,17 @@ def lower_update(config, model_config: llama.LlamaConfig, mesh, rules, prompt_le
         width = prompt_len if name.startswith("prompt") else config.max_new_tokens
         shape = (b, width) if rank == 2 else (b,)
         batch.append(jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, rules, rank)))
+    if reuses_sampler_states(config):
+        batch.append(states_shape(config, model_config, prompt_len, b, mesh, rules))
     return parts.update.lower(sharding.with_shardings(abstract_params, parts.param_shardings), parts.abstract_state,
                               *batch)
+
+
+def states_shape(config, model_config: llama.LlamaConfig, prompt_len: int, batch: int, mesh, rules):
+    """The sampler's SampleOutput.states as the update receives them (abstract)."""
+    shape = (batch, model_config.num_layers + 1, prompt_len + config.max_new_tokens - 1, model_config.hidden_dim)
+    return jax.ShapeDtypeStruct(shape, jnp.dtype(model_config.compute_dtype),
+                                sharding=sharding.batch_sharding(mesh, rules, 4))
 
 
 class Trainer:
@@ -446,8 +473,10 @@ class Trainer:
 
         prompt, valid, key, ctx, tokens, mask = batch(c.batch_size)
         logp, log_potential = self.shard_batch(np.zeros(tokens.shape, np.float32), np.zeros(c.batch_size, np.float32))
+        states = ((states_shape(c, self.task.model_config, prompt.shape[1], c.batch_size, self.mesh, self.rules),)
+                  if reuses_sampler_states(c) else ())
         self._update.lower(self.task.ref_params, self.abstract_state, prompt, valid, tokens, mask, logp,
-                           log_potential, ctx).compile()
+                           log_potential, ctx, *states).compile()
         self.task.sampler.lower(policy, prompt, valid, key, c.temperature, c.top_p).compile()
         prompt, valid, key, ctx, tokens, mask = batch(c.eval_batch_size)
         self.task.sampler.lower(policy, prompt, valid, key, 1.0, 1.0).compile()  # evaluate
@@ -475,8 +504,9 @@ class Trainer:
         # The sampler's freed buffers back to the OS before the update allocates its own
         # (glibc keeps ~1 GB of them otherwise: fdrl.host_memory).
         host_memory.release_free_heap()
+        states = (out.states,) if reuses_sampler_states(self.config) else ()
         return self._update(self.task.ref_params, state, prompt, valid, out.tokens, out.mask, out.logp,
-                            log_potential, ctx)
+                            log_potential, ctx, *states)
 
     def evaluate(self, state: LMTrainState, key: Array) -> tuple[dict, list[str], list[str]]:
         """Metrics from fresh pure samples of π (temperature 1): estimates named in fdrl.metrics."""

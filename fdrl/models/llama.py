@@ -19,6 +19,7 @@ padding changes nothing. With a cache, the new tokens are written at slots
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple, Optional
 
 import jax
@@ -99,17 +100,24 @@ class LlamaConfig:
 
 
 class KVCache(NamedTuple):
-    """Fixed-size key/value buffers for every layer."""
+    """Fixed-size key/value buffers, one pair per layer.
 
-    k: Array  # [L, B, S, KV, hd]
-    v: Array  # [L, B, S, KV, hd]
+    Separate arrays, not one stacked [L, ...] array: each layer then writes its new slot
+    in place and attends over its whole buffer as it lies. Slicing a layer out of a
+    stacked cache made XLA copy (and transpose) it for every layer of every decoded token.
+    """
+
+    k: tuple  # L × [B, KV, S, hd]
+    v: tuple  # L × [B, KV, S, hd]
     valid: Array  # [B, S] bool: slot holds a real token
 
     @classmethod
     def init(cls, config: LlamaConfig, batch: int, size: int) -> "KVCache":
-        shape = (config.num_layers, batch, size, config.num_kv_heads, config.head_dim)
+        shape = (batch, config.num_kv_heads, size, config.head_dim)
         dtype = jnp.dtype(config.compute_dtype)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, size), bool))
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+        return cls(zeros, tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+                   jnp.zeros((batch, size), bool))
 
 
 class ModelOutput(NamedTuple):
@@ -117,6 +125,9 @@ class ModelOutput(NamedTuple):
     values: Optional[Array]  # [B, T] float32, when the model has a value head
     cache: Optional[KVCache]
     hidden: Array  # [B, T, D] final normalised hidden states
+    # [B, L + 1, T, D]: each layer's input and the last layer's output (with_states=True):
+    # what `continuation_logp_from_states` needs in place of a forward pass.
+    states: Optional[Array] = None
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, std: float = 0.02, value=None) -> nnx.Param:
@@ -151,7 +162,8 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens: Array, valid: Array, cache: Optional[KVCache] = None,
                  index: Array | int = 0, last_only: bool = False, logits_start: int = 0,
-                 with_logits: bool = True, layers: Optional[list] = None) -> ModelOutput:
+                 with_logits: bool = True, layers: Optional[list] = None,
+                 with_states: bool = False) -> ModelOutput:
         """Runs the decoder.
 
         Args:
@@ -166,9 +178,11 @@ class Llama(nnx.Module):
           with_logits: False skips the output projection (logits=None): `chunked_token_logp`
             then makes them a chunk at a time from `hidden` and `output_weights()`.
           layers: with a cache, `unstack_layers()` of these parameters, made once per
-            generation: the layers then run as a Python loop over separate arrays. In the
-            layer scan, XLA on CPU copies each layer's weights out of the stacked arrays
-            (all of them, once per decoded token: about half a decode step at batch 16).
+            generation (None: made in this call): cached calls run the layers as a Python
+            loop over separate arrays. In a layer scan, XLA on CPU copies each layer's
+            weights out of the stacked arrays (all of them, once per decoded token: about
+            half a decode step at batch 16).
+          with_states: with a cache, also return `states` (ModelOutput).
         """
         c = self.config
         cdt = jnp.dtype(c.compute_dtype)
@@ -180,65 +194,38 @@ class Llama(nnx.Module):
         else:
             key_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, index))
             size = cache.valid.shape[1]
-        # Rotary position = number of valid tokens before this slot.
-        positions = jnp.cumsum(key_valid, axis=1) - 1
-        positions = jax.lax.dynamic_slice(positions, (0, index), (batch, length)) if cache is not None else positions
-        cos, sin = _rotary(positions, c.head_dim, c.rope_theta)
-        query_slot = index + jnp.arange(length)
-        mask = (jnp.arange(size)[None, :] <= query_slot[:, None])[None] & key_valid[:, None, :]  # [B, T, S]
-
+        cos, sin, mask = _rotary_and_mask(c, key_valid, index, length)
         x = self.embed[...][tokens].astype(cdt)
         layer_params = self._stacked_layers()
-
-        def layer(x, params, attend):
-            """One decoder layer; `attend(q, k, v)` → (attention output, extra carry)."""
-            attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down = (p.astype(cdt) for p in params)
-            h = _rms_norm(x, attn_norm, c.norm_eps)
-            q = (h @ wq).reshape(batch, length, c.num_heads, c.head_dim)
-            k = (h @ wk).reshape(batch, length, c.num_kv_heads, c.head_dim)
-            v = (h @ wv).reshape(batch, length, c.num_kv_heads, c.head_dim)
-            q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
-            attn, extra = attend(q, k, v)
-            x = x + attn.reshape(batch, length, -1) @ wo
-            h = _rms_norm(x, mlp_norm, c.norm_eps)
-            x = x + (jax.nn.silu(h @ w_gate) * (h @ w_up)) @ w_down
-            return x, extra
+        layer = functools.partial(_layer, c, cos=cos, sin=sin)
 
         unroll = c.num_layers if c.unroll_layers else 1
         if cache is None:
             def body(x, params):
-                return layer(x, params, lambda q, k, v: (_attention(q, k, v, mask, c.num_kv_heads), None))
+                return layer(x, params, lambda q, k, v: (_attention(q, _heads_major(k), _heads_major(v), mask), None))
 
             if c.remat != "none":  # what the backward pass keeps of each layer: REMAT_POLICIES
                 body = jax.checkpoint(body, prevent_cse=False, policy=REMAT_POLICIES[c.remat])
             x, _ = jax.lax.scan(body, x, layer_params, unroll=unroll)
-            new_cache = None
+            new_cache = states = None
         else:
-            # The whole cache rides in the scan's carry and each layer writes its new
-            # keys/values in place: scanning over the cache as xs/ys would copy all of
-            # it (every layer, every slot) once per decoded token.
-            def body(carry, params):
-                x, cache_k, cache_v, i = carry
+            # A Python loop over layers (each with its own weights and cache buffers):
+            # nothing is sliced out of stacked arrays once per decoded token.
+            new_k, new_v, states = [], [], []
+            for params, cache_k, cache_v in zip(layers if layers is not None else self.unstack_layers(),
+                                                cache.k, cache.v):
+                def attend(q, k, v, cache_k=cache_k, cache_v=cache_v):
+                    ck = jax.lax.dynamic_update_slice(cache_k, _heads_major(k).astype(cache_k.dtype), (0, 0, index, 0))
+                    cv = jax.lax.dynamic_update_slice(cache_v, _heads_major(v).astype(cache_v.dtype), (0, 0, index, 0))
+                    return _attention(q, ck, cv, mask), (ck, cv)
 
-                def attend(q, k, v):
-                    ck = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), (i, 0, index, 0, 0))
-                    cv = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), (i, 0, index, 0, 0))
-                    layer_k = jax.lax.dynamic_index_in_dim(ck, i, keepdims=False)
-                    layer_v = jax.lax.dynamic_index_in_dim(cv, i, keepdims=False)
-                    return _attention(q, layer_k, layer_v, mask, c.num_kv_heads), (ck, cv)
-
-                x, (cache_k, cache_v) = layer(x, params, attend)
-                return (x, cache_k, cache_v, i + 1), None
-
-            if layers is None:
-                (x, new_k, new_v, _), _ = jax.lax.scan(body, (x, cache.k, cache.v, jnp.int32(0)), layer_params,
-                                                       unroll=unroll)
-            else:  # unstacked weights (`unstack_layers`): a Python loop over layers, nothing sliced
-                carry = (x, cache.k, cache.v, 0)
-                for params in layers:
-                    carry, _ = body(carry, params)
-                x, new_k, new_v, _ = carry
+                states.append(x)
+                x, (ck, cv) = layer(x, params, attend)
+                new_k.append(ck)
+                new_v.append(cv)
+            new_k, new_v = tuple(new_k), tuple(new_v)
             new_cache = KVCache(new_k, new_v, key_valid)
+            states = jnp.stack(states + [x], axis=1) if with_states else None
 
         if last_only:
             x = x[:, -1:]
@@ -251,7 +238,7 @@ class Llama(nnx.Module):
         values = None
         if self.value_w is not None:
             values = (hidden.astype(jnp.float32) @ self.value_w[...].astype(jnp.float32))[..., 0] + self.value_b[...][0]
-        return ModelOutput(logits=logits, values=values, cache=new_cache, hidden=hidden)
+        return ModelOutput(logits=logits, values=values, cache=new_cache, hidden=hidden, states=states)
 
     def _stacked_layers(self) -> tuple:
         return (self.attn_norm[...], self.wq[...], self.wk[...], self.wv[...], self.wo[...],
@@ -267,6 +254,37 @@ class Llama(nnx.Module):
         """The output projection [D, V] in the compute dtype (the embedding's transpose when tied)."""
         out_w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         return out_w.astype(jnp.dtype(self.config.compute_dtype))
+
+
+def _rotary_and_mask(c: LlamaConfig, key_valid: Array, index, length: int):
+    """Rotary cos/sin [B, T, hd/2] of the T query slots from `index`, and the attention
+    mask [B, T, S] over the key slots (key_valid [B, S])."""
+    batch = key_valid.shape[0]
+    # Rotary position = number of valid tokens before this slot.
+    positions = jnp.cumsum(key_valid, axis=1) - 1
+    if key_valid.shape[1] != length:
+        positions = jax.lax.dynamic_slice(positions, (0, index), (batch, length))
+    cos, sin = _rotary(positions, c.head_dim, c.rope_theta)
+    query_slot = index + jnp.arange(length)
+    mask = (jnp.arange(key_valid.shape[1])[None, :] <= query_slot[:, None])[None] & key_valid[:, None, :]
+    return cos, sin, mask
+
+
+def _layer(c: LlamaConfig, x: Array, params: tuple, attend, *, cos: Array, sin: Array):
+    """One decoder layer on x [B, T, D]; `attend(q, k, v)` → (attention output, extra)."""
+    cdt = jnp.dtype(c.compute_dtype)
+    batch, length = x.shape[:2]
+    attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down = (p.astype(cdt) for p in params)
+    h = _rms_norm(x, attn_norm, c.norm_eps)
+    q = (h @ wq).reshape(batch, length, c.num_heads, c.head_dim)
+    k = (h @ wk).reshape(batch, length, c.num_kv_heads, c.head_dim)
+    v = (h @ wv).reshape(batch, length, c.num_kv_heads, c.head_dim)
+    q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
+    attn, extra = attend(q, k, v)
+    x = x + attn.reshape(batch, length, -1) @ wo
+    h = _rms_norm(x, mlp_norm, c.norm_eps)
+    x = x + (jax.nn.silu(h @ w_gate) * (h @ w_up)) @ w_down
+    return x, extra
 
 
 def _rms_norm(x: Array, scale: Array, eps: float) -> Array:
@@ -290,15 +308,31 @@ def _apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def _attention(q: Array, k: Array, v: Array, mask: Array, num_kv_heads: int) -> Array:
-    """Grouped-query attention. q [B,T,H,hd], k/v [B,S,KV,hd], mask [B,T,S] → [B,T,H,hd].
+def _heads_major(x: Array) -> Array:
+    """[B, T, KV, hd] → [B, KV, T, hd]."""
+    return jnp.swapaxes(x, 1, 2)
+
+
+def _attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """Grouped-query attention. q [B,T,H,hd], k/v [B,KV,S,hd], mask [B,T,S] → [B,T,H,hd].
     Query head h uses KV head h // (H / KV)."""
     b, t, h, hd = q.shape
+    num_kv_heads = k.shape[1]
     q = q.reshape(b, t, num_kv_heads, h // num_kv_heads, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(hd).astype(jnp.float32)
+    # One query per row (a decode step): products and sums, which XLA fuses into one pass
+    # over the cache; as batched matmuls of G × S blocks it moved the cache through
+    # transposed copies first (32 tokens at batch 64: 6.7 → 5.9 s).
+    if t == 1:
+        qq = q[:, 0, :, :, None, :].astype(jnp.float32)  # [B, KV, G, 1, hd]
+        scores = jnp.sum(qq * k[:, :, None].astype(jnp.float32), -1)[:, :, :, None, :] / jnp.sqrt(hd).astype(jnp.float32)
+    else:
+        scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(hd).astype(jnp.float32)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    if t == 1:
+        out = jnp.sum(probs[:, :, :, 0, :, None] * v[:, :, None], axis=3)[:, None]  # [B, 1, KV, G, hd]
+    else:
+        out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
     return out.reshape(b, t, h, hd)
 
 
@@ -306,9 +340,10 @@ def _attention(q: Array, k: Array, v: Array, mask: Array, num_kv_heads: int) -> 
 
 def forward(graphdef, params, tokens: Array, valid: Array, cache: Optional[KVCache] = None,
             index: Array | int = 0, last_only: bool = False, logits_start: int = 0,
-            with_logits: bool = True, layers: Optional[list] = None) -> ModelOutput:
+            with_logits: bool = True, layers: Optional[list] = None, with_states: bool = False) -> ModelOutput:
     """The model as a pure function of its parameter state."""
-    return nnx.merge(graphdef, params)(tokens, valid, cache, index, last_only, logits_start, with_logits, layers)
+    return nnx.merge(graphdef, params)(tokens, valid, cache, index, last_only, logits_start, with_logits, layers,
+                                       with_states)
 
 
 def token_logp_from_logits(logits: Array, targets: Array) -> Array:
@@ -401,3 +436,123 @@ def continuation_logp(graphdef, params, prompt: Array, prompt_valid: Array, comp
     out = model(tokens[:, :-1], valid[:, :-1], logits_start=p - 1, with_logits=False)
     token_logp = chunked_token_logp(out.hidden, model.output_weights(), completion, model.config.logits_chunk)
     return jnp.where(completion_mask, token_logp, 0.0), out.values
+
+
+def continuation_logp_from_states(graphdef, params, prompt: Array, prompt_valid: Array, completion: Array,
+                                  completion_mask: Array, states: Array, token_logp: Array) -> Array:
+    """`continuation_logp(...)[0]` of a completion the sampler drew from these params at
+    temperature 1 (no truncation), without running the model forward.
+
+    The sampler's log-probs `token_logp` [B, N] are the values (they equal teacher
+    forcing's within float rounding). The gradient with respect to `params` is teacher
+    forcing's, computed from the sampler's `states` [B, L + 1, P + N − 1, D] (each layer's
+    input at every slot it read, and the last layer's output: `Sampler(keep_states=True)`):
+    each layer's backward pass recomputes that layer from its input, as the layer scan
+    does under `remat="full"`, but the forward pass that would remake those inputs is
+    the sampling already done. `states` and `token_logp` get no gradient.
+    """
+    _check_states(graphdef, prompt, completion, states, token_logp)
+    return _logp_from_states(graphdef, params, prompt, prompt_valid, completion, completion_mask, states,
+                             token_logp)
+
+
+def _check_states(graphdef, prompt, completion, states, token_logp):
+    b, n = completion.shape
+    slots = prompt.shape[1] + n - 1
+    if token_logp.shape != (b, n):
+        raise ValueError(f"token_logp {token_logp.shape} must be [B, N] = {(b, n)} like completion")
+    if states.ndim != 4 or states.shape[0] != b or states.shape[2] != slots:
+        raise ValueError(f"states {states.shape} must be [B, L + 1, P + N - 1, D] with B = {b} and "
+                         f"P + N - 1 = {slots} (prompt {prompt.shape}, completion {completion.shape})")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _logp_from_states(graphdef, params, prompt, prompt_valid, completion, completion_mask, states, token_logp):
+    return jnp.where(completion_mask, token_logp, 0.0)
+
+
+def _logp_from_states_fwd(graphdef, params, prompt, prompt_valid, completion, completion_mask, states,
+                          token_logp):
+    out = jnp.where(completion_mask, token_logp, 0.0)
+    return out, (params, prompt, prompt_valid, completion, completion_mask, states)
+
+
+def _logp_from_states_bwd(graphdef, residuals, g):
+    params, prompt, prompt_valid, completion, completion_mask, states = residuals
+    model = nnx.merge(graphdef, params)
+    c = model.config
+    cdt = jnp.dtype(c.compute_dtype)
+    tokens = jnp.concatenate([prompt, completion], axis=1)[:, :-1]
+    valid = jnp.concatenate([prompt_valid, completion_mask], axis=1)[:, :-1]
+    start = prompt.shape[1] - 1  # slot whose logits predict the first completion token
+    g = jnp.where(completion_mask, g, 0.0)
+
+    # The head: final norm, then the output projection a chunk at a time (three matmuls
+    # per chunk: logits, and the two products of their cotangent).
+    final_norm = model.final_norm[...]
+    x_top = states[:, -1, start:].astype(cdt)
+    hidden, norm_vjp = jax.vjp(lambda x, s: _rms_norm(x, s.astype(cdt), c.norm_eps), x_top, final_norm)
+    out_w = model.output_weights()
+    d_hidden, d_out_w = _token_logp_grads(hidden, out_w, completion, g, c.logits_chunk)
+    d_x_top, d_final_norm = norm_vjp(d_hidden.astype(hidden.dtype))
+    d_x = jnp.zeros(states.shape[:1] + states.shape[2:], cdt).at[:, start:].set(d_x_top)
+
+    # The layers, last to first: each layer's vjp at its input as the sampler saw it.
+    cos, sin, mask = _rotary_and_mask(c, valid, 0, tokens.shape[1])
+    layer = functools.partial(_layer, c, cos=cos, sin=sin)
+    attend = lambda q, k, v: (_attention(q, _heads_major(k), _heads_major(v), mask), None)
+
+    def back(d_x, xs):
+        params_l, i = xs
+        x_l = jax.lax.dynamic_index_in_dim(states, i, axis=1, keepdims=False).astype(cdt)
+        _, layer_vjp = jax.vjp(lambda p, x: layer(x, p, attend)[0], params_l, x_l)
+        d_params_l, d_x = layer_vjp(d_x)
+        return d_x, d_params_l
+
+    unroll = c.num_layers if c.unroll_layers else 1
+    d_x, d_layers = jax.lax.scan(back, d_x, (model._stacked_layers(), jnp.arange(c.num_layers)), reverse=True,
+                                 unroll=unroll)
+
+    embed = model.embed[...]
+    d_embed = jnp.zeros(embed.shape, jnp.float32).at[tokens].add(d_x.astype(jnp.float32))
+    grads = dict(zip(("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down"), d_layers))
+    grads["final_norm"] = d_final_norm
+    if model.lm_head is None:
+        d_embed = d_embed + d_out_w.T.astype(jnp.float32)
+    else:
+        grads["lm_head"] = d_out_w
+    grads["embed"] = d_embed
+
+    def grad_of(path, leaf):
+        name = path[0].key if hasattr(path[0], "key") else str(path[0])
+        if name not in grads:
+            raise ValueError(f"continuation_logp_from_states has no gradient for parameter {name!r}")
+        return grads[name].astype(leaf.dtype).reshape(leaf.shape)
+
+    d_params = jax.tree_util.tree_map_with_path(grad_of, params)
+    return d_params, None, None, None, None, None, None
+
+
+_logp_from_states.defvjp(_logp_from_states_fwd, _logp_from_states_bwd)
+
+
+def _token_logp_grads(hidden: Array, out_w: Array, targets: Array, g: Array, chunk: int):
+    """Gradients of Σ g · log softmax(hidden @ out_w)[targets] with respect to hidden [B, N, D]
+    and out_w [D, V], `chunk` positions of logits at a time (as `chunked_token_logp`)."""
+    b, n, d = hidden.shape
+    per_chunk = n if chunk <= 0 else max(1, min(n, chunk // b))
+    num = -(-n // per_chunk)
+    pad = num * per_chunk - n
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, num, per_chunk, d).swapaxes(0, 1)
+    t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, num, per_chunk).swapaxes(0, 1)
+    gg = jnp.pad(g, ((0, 0), (0, pad))).reshape(b, num, per_chunk).swapaxes(0, 1)
+
+    def block(d_out_w, xs):
+        h_c, t_c, g_c = xs
+        logits = jnp.dot(h_c, out_w, preferred_element_type=jnp.float32)
+        log_norm = jax.nn.logsumexp(logits, axis=-1)
+        d_h, d_w, _ = _projected_token_logp_bwd((h_c, out_w, t_c, logits, log_norm), g_c)
+        return d_out_w + d_w.astype(jnp.float32), d_h
+
+    d_out_w, d_h = jax.lax.scan(block, jnp.zeros(out_w.shape, jnp.float32), (h, t, gg))
+    return d_h.swapaxes(0, 1).reshape(b, num * per_chunk, d)[:, :n], d_out_w
