@@ -140,3 +140,40 @@ def test_output_projection_backward_equals_autodiff(dtype, scale):
             assert a.dtype == b.dtype
             assert np.all(np.isfinite(np.asarray(a, np.float32)))
             np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol)
+
+
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_gradient_from_sampler_states_equals_teacher_forcing(chunk):
+    """continuation_logp_from_states: the sampler's log-probs as values, and the gradient
+    of teacher forcing's log-probs (autodiff through continuation_logp) to round-off."""
+    from fdrl.sampling import Sampler
+
+    config = llama.LlamaConfig.tiny(logits_chunk=chunk)
+    graphdef, params = nnx.split(llama.Llama(config, rngs=nnx.Rngs(0)))
+    embed = params["embed"][...]
+    params["embed"].value = embed.at[3].set(embed[3] + 0.5 * jnp.sign(embed.mean(0)))  # EOS (3) likely
+    sampler = Sampler(graphdef, config, max_new_tokens=9, eos_id=3, pad_id=0, buckets=(8,), keep_states=True)
+    prompt, valid = sampler.pad([[5, 6, 7], [8, 9, 10, 11, 12], [4], [6, 6]])
+    out = sampler(params, prompt, valid, jax.random.PRNGKey(4))
+    assert 0 < int(out.mask.sum()) < out.mask.size
+    weights = jax.random.normal(jax.random.PRNGKey(5), out.mask.shape)
+
+    def forced(p):
+        return jnp.sum(weights * llama.continuation_logp(graphdef, p, prompt, valid, out.tokens, out.mask)[0])
+
+    def from_states(p):
+        return jnp.sum(weights * llama.continuation_logp_from_states(graphdef, p, prompt, valid, out.tokens,
+                                                                     out.mask, out.states, out.logp))
+
+    value, grads = jax.value_and_grad(forced)(params)
+    value_s, grads_s = jax.jit(jax.value_and_grad(from_states))(params)
+    np.testing.assert_allclose(value_s, value, atol=1e-4)
+    for (path, g), g_s in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads_s)):
+        assert float(jnp.abs(g).max()) > 0, path
+        np.testing.assert_allclose(g_s, g, atol=2e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+    with pytest.raises(ValueError, match=r"states \(4, 3"):
+        llama.continuation_logp_from_states(graphdef, params, prompt, valid, out.tokens, out.mask,
+                                            out.states[:, :, 1:], out.logp)
+    with pytest.raises(ValueError, match="token_logp"):
+        llama.continuation_logp_from_states(graphdef, params, prompt, valid, out.tokens, out.mask, out.states,
+                                            out.logp[:, 1:])

@@ -131,3 +131,29 @@ def test_bad_arguments(model):
         sampler(params, prompt, valid, jax.random.PRNGKey(0), temperature=-1.0)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         make_sampler(model, max_new_tokens=0)
+
+
+def _eos_likely(params):
+    """The tiny model's params with EOS (3) made likely, so rows stop at different steps."""
+    params = jax.tree.map(lambda x: x, params)
+    embed = params["embed"][...]
+    params["embed"].value = embed.at[3].set(embed[3] + 0.5 * jnp.sign(embed.mean(0)))
+    return params
+
+
+def test_kept_states_are_teacher_forcings_layer_inputs(model):
+    config, graphdef, _ = model
+    params = _eos_likely(model[2])
+    sampler = make_sampler(model, max_new_tokens=12, keep_states=True)
+    prompt, valid = sampler.pad([[5, 6, 7], [8, 9, 10, 11, 12], [4], [6, 6]])
+    out = sampler(params, prompt, valid, jax.random.PRNGKey(2))
+    assert 0 < int(out.mask.sum()) < out.mask.size  # some rows stopped early
+    tokens = jnp.concatenate([prompt, out.tokens], 1)[:, :-1]
+    read = jnp.concatenate([valid, out.mask], 1)[:, :-1]
+    assert out.states.shape == (4, config.num_layers + 1, tokens.shape[1], config.hidden_dim)
+    # The same layer inputs from one cached pass over the whole teacher-forced sequence.
+    forced = llama.forward(graphdef, params, tokens, read, llama.KVCache.init(config, 4, tokens.shape[1]), 0,
+                           with_states=True).states
+    at_read = read[:, None, :, None]  # padding and after-EOS slots hold anything
+    np.testing.assert_allclose(jnp.where(at_read, out.states, 0), jnp.where(at_read, forced, 0), atol=1e-5)
+    assert make_sampler(model)(params, prompt, valid, jax.random.PRNGKey(2)).states is None

@@ -115,3 +115,27 @@ def test_compile_ahead_covers_the_whole_run(overrides, tmp_path, monkeypatch, ca
     during = [r.getMessage() for r in caplog.records if "Finished XLA compilation" in r.getMessage()]
     assert not [m for m in during if any(n in m for n in names)], during
     assert trainer.task.sampler.trace_count == traced
+
+
+def test_update_from_sampler_states_matches_teacher_forcing(tmp_path):
+    """reuse_sampler_states (on in the configs) skips the policy's forward pass in the update;
+    the step's loss and statistics are those of the teacher-forced update."""
+    results = []
+    for reuse in (True, False):
+        config = smoke(smollm2_sentiment, tmp_path / str(reuse), reuse_sampler_states=reuse)
+        assert train.reuses_sampler_states(config) == reuse
+        trainer = train.Trainer(config)
+        assert trainer.task.sampler.keep_states == reuse
+        init = trainer.init_state()
+        before = [np.asarray(x) for x in jax.tree.leaves(init.params)]  # copied: the update donates the state
+        state, scalars = trainer.step(init)
+        moves = [np.sign(np.asarray(a) - b) for a, b in zip(jax.tree.leaves(state.params), before)]
+        results.append(({k: float(v) for k, v in scalars.items()}, np.concatenate([m.ravel() for m in moves])))
+    (with_states, moves_a), (forced, moves_b) = results
+    for k in ("loss", "pseudo_reward", "kl_pi_a_batch", "log_Z"):
+        assert with_states[k] == pytest.approx(forced[k], abs=1e-4), k
+    # Adam's first step moves each weight by ±lr, the sign of its gradient: the same signs
+    # (but for gradients within round-off of 0) means the same gradient.
+    assert np.mean(moves_a == moves_b) > 0.99
+    for overrides in (dict(proposal="offpolicy"), dict(top_k=5), dict(temperature=0.7), dict(algo="ppo")):
+        assert not train.reuses_sampler_states(smoke(smollm2_sentiment, tmp_path, **overrides)), overrides

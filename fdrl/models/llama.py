@@ -525,6 +525,8 @@ def _logp_from_states_bwd(graphdef, residuals, g):
 
     def grad_of(path, leaf):
         name = path[0].key if hasattr(path[0], "key") else str(path[0])
+        if name in ("value_w", "value_b"):  # the log-probs do not depend on a value head
+            return jnp.zeros_like(leaf)
         if name not in grads:
             raise ValueError(f"continuation_logp_from_states has no gradient for parameter {name!r}")
         return grads[name].astype(leaf.dtype).reshape(leaf.shape)
