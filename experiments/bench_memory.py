@@ -88,6 +88,8 @@ def main(argv):
     # What XLA plans for the update: its arguments (reference + train state) and temporaries.
     prompt, valid, out, ctx = trainer.sample(state.params, jax.random.PRNGKey(0), config.batch_size)
     batch = (prompt, valid, out.tokens, out.mask, out.logp, trainer.score(out), ctx)
+    if train.reuses_sampler_states(config):  # the sampler's saved layer inputs (SampleOutput.states)
+        batch += (out.states,)
     plan = trainer._update.lower(trainer.task.ref_params, trainer.abstract_state, *batch).compile().memory_analysis()
     report = "\n".join([
         f"# Trainer memory by phase: {_MODEL.value}, batch {config.batch_size} × {config.max_new_tokens} new tokens, "
@@ -97,7 +99,7 @@ def main(argv):
         f"{config.quantized_reference} (SmolLM2 only). GB = 10⁹ bytes.", "",
         common.markdown_table(["phase", "peak GB", "resident after, GB"], rows), "",
         f"XLA's memory analysis of the update (`compile().memory_analysis()`): arguments "
-        f"{plan.argument_size_in_bytes / 1e9:.2f} GB (reference and train state), temporaries "
+        f"{plan.argument_size_in_bytes / 1e9:.2f} GB (reference, train state, batch), temporaries "
         f"{plan.temp_size_in_bytes / 1e9:.2f} GB (gradients, logits, saved activations), outputs "
         f"{plan.output_size_in_bytes / 1e9:.2f} GB of which {plan.alias_size_in_bytes / 1e9:.2f} GB alias the "
         "donated state.",
