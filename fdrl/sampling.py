@@ -197,10 +197,8 @@ class Sampler:
         out = forward(self.graphdef, params, prompt, prompt_valid, cache, 0, last_only=True, layers=layers,
                       with_states=self.keep_states)
         states = None
-        if self.keep_states:  # slots the model reads: the prompt and every new token but the last
-            c = self.model_config
-            states = jnp.zeros((batch, c.num_layers + 1, prompt_len + steps - 1, c.hidden_dim), out.states.dtype)
-            states = jax.lax.dynamic_update_slice(states, out.states, (0, 0, 0, 0))
+        if self.keep_states:  # slots the model reads: the prompt, then every new token but the last
+            states = jnp.pad(out.states, ((0, 0), (0, 0), (0, steps - 1), (0, 0)))
 
         def emit(t, logits, tokens, mask, logp, done, key):
             """Draws token t of every unfinished row from logits [B, V] and records it."""

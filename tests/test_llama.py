@@ -177,3 +177,21 @@ def test_gradient_from_sampler_states_equals_teacher_forcing(chunk):
     with pytest.raises(ValueError, match="token_logp"):
         llama.continuation_logp_from_states(graphdef, params, prompt, valid, out.tokens, out.mask, out.states,
                                             out.logp[:, 1:])
+
+
+def test_gradient_from_sampler_states_stays_finite_at_extreme_logits():
+    """Logits up to ~700 in size (embedding × 1e3, tied head): the sampler, its log-probs and the
+    gradient from its states stay finite."""
+    from fdrl.sampling import Sampler
+
+    config = llama.LlamaConfig.tiny()
+    graphdef, params = nnx.split(llama.Llama(config, rngs=nnx.Rngs(0)))
+    params["embed"].value = params["embed"][...] * 1e3
+    sampler = Sampler(graphdef, config, max_new_tokens=6, eos_id=3, pad_id=0, buckets=(8,), keep_states=True)
+    prompt, valid = sampler.pad([[5, 6, 7], [4]])
+    out = sampler(params, prompt, valid, jax.random.PRNGKey(0))
+    assert bool(jnp.all(jnp.isfinite(out.logp))) and bool(jnp.all(jnp.isfinite(out.states)))
+    grads = jax.grad(lambda p: jnp.sum(llama.continuation_logp_from_states(
+        graphdef, p, prompt, valid, out.tokens, out.mask, out.states, out.logp)))(params)
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        assert bool(jnp.all(jnp.isfinite(g))), jax.tree_util.keystr(path)

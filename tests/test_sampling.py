@@ -38,12 +38,16 @@ def test_sampler_logp_equals_teacher_forced_logp(model):
     np.testing.assert_allclose(out.logp, forced, atol=1e-4)
 
 
-def test_eos_stops_each_sequence_and_masks_after(model):
-    config, graphdef, params = model
-    # Make EOS likely: bias the output embedding row of token 3 up.
+def _eos_likely(params):
+    """The tiny model's params with EOS (3) made likely, so rows stop at different steps."""
     params = jax.tree.map(lambda x: x, params)
     embed = params["embed"][...]
     params["embed"].value = embed.at[3].set(embed[3] + 0.5 * jnp.sign(embed.mean(0)))
+    return params
+
+
+def test_eos_stops_each_sequence_and_masks_after(model):
+    params = _eos_likely(model[2])
     sampler = make_sampler(model, max_new_tokens=30)
     prompt, valid = sampler.pad([[5, 6]] * 8)
     out = sampler(params, prompt, valid, jax.random.PRNGKey(1))
@@ -131,14 +135,6 @@ def test_bad_arguments(model):
         sampler(params, prompt, valid, jax.random.PRNGKey(0), temperature=-1.0)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         make_sampler(model, max_new_tokens=0)
-
-
-def _eos_likely(params):
-    """The tiny model's params with EOS (3) made likely, so rows stop at different steps."""
-    params = jax.tree.map(lambda x: x, params)
-    embed = params["embed"][...]
-    params["embed"].value = embed.at[3].set(embed[3] + 0.5 * jnp.sign(embed.mean(0)))
-    return params
 
 
 def test_kept_states_are_teacher_forcings_layer_inputs(model):

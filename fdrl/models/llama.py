@@ -115,9 +115,10 @@ class KVCache(NamedTuple):
     def init(cls, config: LlamaConfig, batch: int, size: int) -> "KVCache":
         shape = (batch, config.num_kv_heads, size, config.head_dim)
         dtype = jnp.dtype(config.compute_dtype)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-        return cls(zeros, tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-                   jnp.zeros((batch, size), bool))
+        def buffers():
+            return tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+
+        return cls(buffers(), buffers(), jnp.zeros((batch, size), bool))
 
 
 class ModelOutput(NamedTuple):
@@ -400,19 +401,35 @@ def chunked_token_logp(hidden: Array, out_w: Array, targets: Array, chunk: int) 
     b, n, d = hidden.shape
     if targets.shape != (b, n):
         raise ValueError(f"targets {targets.shape} must be [B, N] = {(b, n)} to match hidden {hidden.shape}")
-    per_chunk = n if chunk <= 0 else max(1, min(n, chunk // b))
+    per_chunk = _positions_per_chunk(b, n, chunk)
 
     def block(h, t):
         return _projected_token_logp(h, out_w, t)
 
     if per_chunk == n:
         return block(hidden, targets)
+    xs = (_to_chunks(hidden, per_chunk), _to_chunks(targets, per_chunk))
+    _, logp = jax.lax.scan(jax.checkpoint(lambda _, ht: (None, block(*ht)), prevent_cse=False), None, xs)
+    return _from_chunks(logp, n)
+
+
+def _positions_per_chunk(batch: int, n: int, chunk: int) -> int:
+    """Positions along N per block of `chunk` logits rows (the batch stays whole); 0 = all."""
+    return n if chunk <= 0 else max(1, min(n, chunk // batch))
+
+
+def _to_chunks(x: Array, per_chunk: int) -> Array:
+    """[B, N, ...] → [num, B, per_chunk, ...], N zero-padded to a multiple of per_chunk."""
+    b, n = x.shape[:2]
     num = -(-n // per_chunk)
-    pad = num * per_chunk - n
-    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, num, per_chunk, d).swapaxes(0, 1)
-    t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, num, per_chunk).swapaxes(0, 1)
-    _, logp = jax.lax.scan(jax.checkpoint(lambda _, ht: (None, block(*ht)), prevent_cse=False), None, (h, t))
-    return logp.swapaxes(0, 1).reshape(b, num * per_chunk)[:, :n]
+    x = jnp.pad(x, ((0, 0), (0, num * per_chunk - n)) + ((0, 0),) * (x.ndim - 2))
+    return x.reshape(b, num, per_chunk, *x.shape[2:]).swapaxes(0, 1)
+
+
+def _from_chunks(x: Array, n: int) -> Array:
+    """The inverse of `_to_chunks`: [num, B, per_chunk, ...] → [B, n, ...]."""
+    num, b, per_chunk = x.shape[:3]
+    return x.swapaxes(0, 1).reshape(b, num * per_chunk, *x.shape[3:])[:, :n]
 
 
 def continuation_logp(graphdef, params, prompt: Array, prompt_valid: Array, completion: Array,
@@ -451,12 +468,12 @@ def continuation_logp_from_states(graphdef, params, prompt: Array, prompt_valid:
     does under `remat="full"`, but the forward pass that would remake those inputs is
     the sampling already done. `states` and `token_logp` get no gradient.
     """
-    _check_states(graphdef, prompt, completion, states, token_logp)
+    _check_states(prompt, completion, states, token_logp)
     return _logp_from_states(graphdef, params, prompt, prompt_valid, completion, completion_mask, states,
                              token_logp)
 
 
-def _check_states(graphdef, prompt, completion, states, token_logp):
+def _check_states(prompt, completion, states, token_logp):
     b, n = completion.shape
     slots = prompt.shape[1] + n - 1
     if token_logp.shape != (b, n):
@@ -541,13 +558,9 @@ _logp_from_states.defvjp(_logp_from_states_fwd, _logp_from_states_bwd)
 def _token_logp_grads(hidden: Array, out_w: Array, targets: Array, g: Array, chunk: int):
     """Gradients of Σ g · log softmax(hidden @ out_w)[targets] with respect to hidden [B, N, D]
     and out_w [D, V], `chunk` positions of logits at a time (as `chunked_token_logp`)."""
-    b, n, d = hidden.shape
-    per_chunk = n if chunk <= 0 else max(1, min(n, chunk // b))
-    num = -(-n // per_chunk)
-    pad = num * per_chunk - n
-    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, num, per_chunk, d).swapaxes(0, 1)
-    t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, num, per_chunk).swapaxes(0, 1)
-    gg = jnp.pad(g, ((0, 0), (0, pad))).reshape(b, num, per_chunk).swapaxes(0, 1)
+    b, n, _ = hidden.shape
+    per_chunk = _positions_per_chunk(b, n, chunk)
+    xs = tuple(_to_chunks(x, per_chunk) for x in (hidden, targets, g))
 
     def block(d_out_w, xs):
         h_c, t_c, g_c = xs
@@ -556,5 +569,5 @@ def _token_logp_grads(hidden: Array, out_w: Array, targets: Array, g: Array, chu
         d_h, d_w, _ = _projected_token_logp_bwd((h_c, out_w, t_c, logits, log_norm), g_c)
         return d_out_w + d_w.astype(jnp.float32), d_h
 
-    d_out_w, d_h = jax.lax.scan(block, jnp.zeros(out_w.shape, jnp.float32), (h, t, gg))
-    return d_h.swapaxes(0, 1).reshape(b, num * per_chunk, d)[:, :n], d_out_w
+    d_out_w, d_h = jax.lax.scan(block, jnp.zeros(out_w.shape, jnp.float32), xs)
+    return _from_chunks(d_h, n), d_out_w
