@@ -15,6 +15,7 @@ import ctypes.util
 import functools
 import resource
 import sys
+from typing import NamedTuple
 
 
 @functools.cache
@@ -32,6 +33,25 @@ def release_free_heap() -> bool:
         return False
     trim(0)
     return True
+
+
+class KernelUsage(NamedTuple):
+    """Counters of this process's use of the kernel so far (subtract two for an interval)."""
+    system_seconds: float  # CPU time spent in the kernel on the process's behalf
+    minor_faults: int  # pages first touched (each 4 KiB on x86-64 without huge pages)
+
+    def __sub__(self, other: "KernelUsage") -> "KernelUsage":
+        return KernelUsage(self.system_seconds - other.system_seconds, self.minor_faults - other.minor_faults)
+
+
+def kernel_usage() -> KernelUsage:
+    """XLA on CPU takes its large buffers (temporaries, outputs) from the C heap, which maps
+    fresh pages for each and unmaps them when freed: every execution then faults its
+    buffers in again. On a virtual machine whose host reclaims freed guest memory, such a
+    fault costs far more than on bare metal, so a benchmark reports these counters beside
+    its times."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return KernelUsage(usage.ru_stime, usage.ru_minflt)
 
 
 def peak_rss_gb() -> float:
