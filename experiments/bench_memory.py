@@ -87,9 +87,7 @@ def main(argv):
     rows.append([f"sampling call (largest of {_STEPS.value})", f"{max(samples):.2f}", ""])
     # What XLA plans for the update: its arguments (reference + train state) and temporaries.
     prompt, valid, out, ctx = trainer.sample(state.params, jax.random.PRNGKey(0), config.batch_size)
-    batch = (prompt, valid, out.tokens, out.mask, out.logp, trainer.score(out), ctx)
-    if train.reuses_sampler_states(config):  # the sampler's saved layer inputs (SampleOutput.states)
-        batch += (out.states,)
+    batch = trainer.update_batch(prompt, valid, out, trainer.score(out), ctx)
     plan = trainer._update.lower(trainer.task.ref_params, trainer.abstract_state, *batch).compile().memory_analysis()
     report = "\n".join([
         f"# Trainer memory by phase: {_MODEL.value}, batch {config.batch_size} × {config.max_new_tokens} new tokens, "

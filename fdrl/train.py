@@ -504,9 +504,13 @@ class Trainer:
         # The sampler's freed buffers back to the OS before the update allocates its own
         # (glibc keeps ~1 GB of them otherwise: fdrl.host_memory).
         host_memory.release_free_heap()
+        return self._update(self.task.ref_params, state, *self.update_batch(prompt, valid, out, log_potential, ctx))
+
+    def update_batch(self, prompt, valid, out, log_potential, ctx) -> tuple:
+        """The update's arguments after the train state, from a sampling call and its scores:
+        the sampler's states last when the update reuses them (reuses_sampler_states)."""
         states = (out.states,) if reuses_sampler_states(self.config) else ()
-        return self._update(self.task.ref_params, state, prompt, valid, out.tokens, out.mask, out.logp,
-                            log_potential, ctx, *states)
+        return (prompt, valid, out.tokens, out.mask, out.logp, log_potential, ctx, *states)
 
     def evaluate(self, state: LMTrainState, key: Array) -> tuple[dict, list[str], list[str]]:
         """Metrics from fresh pure samples of π (temperature 1): estimates named in fdrl.metrics."""

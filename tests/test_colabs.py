@@ -29,7 +29,8 @@ def test_committed_without_outputs(name):
             assert not cell.outputs and cell.execution_count is None, f"{name} has stale outputs"
 
 
-@pytest.mark.parametrize("name", ["01_f_divergences.ipynb", "03_compare_divergences.ipynb"])
+@pytest.mark.parametrize("name", ["01_f_divergences.ipynb",
+                                  pytest.param("03_compare_divergences.ipynb", marks=pytest.mark.slow)])
 def test_notebook_runs(name):
     nb = run_notebook(name)
     images = sum(1 for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {}))

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import compare
 from configs import toy as toy_config
 
@@ -57,6 +59,8 @@ def test_train_entry_point_on_the_lm_path(tmp_path):
     assert (tmp_path / "metrics.png").stat().st_size > 5_000 and (tmp_path / "summary.md").exists()
 
 
+# Slow on a 2-core CPU (20–55 s); `make test-slow` runs it, keeping the default run under 15 minutes.
+@pytest.mark.slow
 def test_memory_benchmark_reports_every_phase(tmp_path):
     out = subprocess.run([sys.executable, "experiments/bench_memory.py", "--model=tiny", "--batch=8",
                           "--new_tokens=4", "--steps=1", f"--out={tmp_path}"],

@@ -87,7 +87,8 @@ def single_device_run(tmp_path_factory):
     return trainer, host_leaves(state.params), losses
 
 
-@pytest.mark.parametrize("shape", MESHES, ids=["8x1x1", "2x4x1", "2x2x2"])
+@pytest.mark.parametrize("shape", [MESHES[0], pytest.param(MESHES[1], marks=pytest.mark.slow), MESHES[2]],
+                         ids=["8x1x1", "2x4x1", "2x2x2"])
 def test_sharded_step_equals_one_device(shape, single_device_run, tmp_path):
     one_trainer, one_params, one_losses = single_device_run
     config = config_on(shape, tmp_path)
@@ -133,6 +134,8 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
         np.testing.assert_allclose(losses, expected, rtol=1e-5, atol=1e-5)
 
 
+# Slow on a 2-core CPU (20–55 s); `make test-slow` runs it, keeping the default run under 15 minutes.
+@pytest.mark.slow
 def test_resume_on_another_mesh_through_the_loop(tmp_path):
     train.train_and_evaluate(config_on((8, 1, 1), tmp_path, steps=2), log=lambda s: None)
     out = train.train_and_evaluate(config_on((2, 2, 2), tmp_path, resume=True), log=lambda s: None)
@@ -181,6 +184,8 @@ def test_ahead_of_time_compile_of_a_1b_model_from_abstract_shapes(capsys):
               f"temporaries {memory.temp_size_in_bytes / 2**30:.2f} GiB")
 
 
+# Slow on a 2-core CPU (20–55 s); `make test-slow` runs it, keeping the default run under 15 minutes.
+@pytest.mark.slow
 def test_ppo_step_on_a_mesh_equals_one_device(tmp_path):
     """PPO's update (value head, GAE, a scan over shuffled minibatches) shards the same way."""
     results = []

@@ -76,7 +76,7 @@ def test_step_zero_estimates_use_a_real_log_z(tmp_path):
     assert 0.0 <= values["tv"] <= 1.5 and values["js"] <= 1.0 and values["kl_pi_p"] > -0.05
 
 
-@pytest.mark.parametrize("algo", ["ppo", "fppo"])
+@pytest.mark.parametrize("algo", ["ppo", pytest.param("fppo", marks=pytest.mark.slow)])
 def test_two_ppo_steps_on_the_tiny_model(algo, tmp_path):
     config = smoke(smollm2_sentiment, tmp_path, algo=algo, steps=2, eval_every=2, checkpoint_every=0)
     trainer = train.Trainer(config)
@@ -93,7 +93,8 @@ def test_two_ppo_steps_on_the_tiny_model(algo, tmp_path):
         assert float(state.kl.beta) != 0.1  # the adaptive controller moved
 
 
-@pytest.mark.parametrize("overrides", [dict(), dict(top_k=5, eval_batch_size=4, proposal="offpolicy")],
+@pytest.mark.parametrize("overrides", [dict(), pytest.param(dict(top_k=5, eval_batch_size=4, proposal="offpolicy"),
+                                                        marks=pytest.mark.slow)],
                          ids=["default", "topk-offpolicy"])
 def test_compile_ahead_covers_the_whole_run(overrides, tmp_path, monkeypatch, caplog):
     """Trainer.compile() compiles, before any train state exists, everything the run then
