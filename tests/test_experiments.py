@@ -72,3 +72,19 @@ def test_memory_benchmark_reports_every_phase(tmp_path):
     peaks = [float(r[1]) for r in rows]
     assert len(peaks) == 7 and all(0.1 < p < 24 for p in peaks)
     assert "temporaries" in (tmp_path / "bench_memory_tiny.md").read_text()
+
+
+@pytest.mark.slow
+def test_step_benchmark_reports_every_part(tmp_path):
+    out = subprocess.run([sys.executable, "experiments/bench_step.py", "--model=tiny", "--batch=8",
+                          "--new_tokens=4", "--repeats=1", f"--out={tmp_path}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "bench_step_tiny.json").read_text())
+    assert [row[0] for row in result["rows"]] == ["sample", "reference", "policy fwd+bwd", "adam update"]
+    assert all(seconds > 0 and flops > 0 for _, seconds, flops, _ in result["rows"])
+    # The fractions use the highest of the three matmul measurements.
+    rates = result["matmul_flops_per_s_measured"]
+    assert len(rates) == 3 and result["matmul_flops_per_s"] == max(rates) > 1e9
+    assert 0.1 < result["peak_rss_gb"] < 24 and result["step_minor_faults"] >= 0
+    assert "the highest of" in (tmp_path / "bench_step_tiny.md").read_text()
