@@ -39,6 +39,13 @@ class SampleOutput(NamedTuple):
     states: Optional[Array] = None
 
 
+def states_shape(model_config, batch: int, prompt_len: int, max_new_tokens: int) -> jax.ShapeDtypeStruct:
+    """SampleOutput.states of a sampler with keep_states, abstract: [B, L + 1, P + N − 1, D]
+    (the slots the model reads: the prompt, then every new token but the last)."""
+    shape = (batch, model_config.num_layers + 1, prompt_len + max_new_tokens - 1, model_config.hidden_dim)
+    return jax.ShapeDtypeStruct(shape, jnp.dtype(model_config.compute_dtype))
+
+
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, buckets: Sequence[int] = DEFAULT_BUCKETS):
     """Left-pads token lists to the smallest bucket ≥ the longest prompt.
 
@@ -199,6 +206,8 @@ class Sampler:
         states = None
         if self.keep_states:  # slots the model reads: the prompt, then every new token but the last
             states = jnp.pad(out.states, ((0, 0), (0, 0), (0, steps - 1), (0, 0)))
+            expected = states_shape(self.model_config, batch, prompt_len, steps)
+            assert (states.shape, states.dtype) == (expected.shape, expected.dtype), (states.shape, expected)
 
         def emit(t, logits, tokens, mask, logp, done, key):
             """Draws token t of every unfinished row from logits [B, V] and records it."""

@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fdrl import data, divergences, estimators, host_memory, metrics, ppo, scorers, sharding
+from fdrl import data, divergences, estimators, host_memory, metrics, ppo, sampling, scorers, sharding
 from fdrl.checkpoint import checkpoint_manager, restore_checkpoint, save_checkpoint
 from fdrl.losses import fdpg_loss
 from fdrl.optim import make_optimizer
@@ -387,9 +387,8 @@ def lower_update(config, model_config: llama.LlamaConfig, mesh, rules, prompt_le
 
 def states_shape(config, model_config: llama.LlamaConfig, prompt_len: int, batch: int, mesh, rules):
     """The sampler's SampleOutput.states as the update receives them (abstract)."""
-    shape = (batch, model_config.num_layers + 1, prompt_len + config.max_new_tokens - 1, model_config.hidden_dim)
-    return jax.ShapeDtypeStruct(shape, jnp.dtype(model_config.compute_dtype),
-                                sharding=sharding.batch_sharding(mesh, rules, 4))
+    states = sampling.states_shape(model_config, batch, prompt_len, config.max_new_tokens)
+    return jax.ShapeDtypeStruct(states.shape, states.dtype, sharding=sharding.batch_sharding(mesh, rules, 4))
 
 
 class Trainer:

@@ -147,6 +147,8 @@ def test_kept_states_are_teacher_forcings_layer_inputs(model):
     tokens = jnp.concatenate([prompt, out.tokens], 1)[:, :-1]
     read = jnp.concatenate([valid, out.mask], 1)[:, :-1]
     assert out.states.shape == (4, config.num_layers + 1, tokens.shape[1], config.hidden_dim)
+    abstract = sampling.states_shape(config, 4, prompt.shape[1], 12)  # what compile-ahead builds
+    assert (abstract.shape, abstract.dtype) == (out.states.shape, out.states.dtype)
     # The same layer inputs from one cached pass over the whole teacher-forced sequence.
     forced = llama.forward(graphdef, params, tokens, read, llama.KVCache.init(config, 4, tokens.shape[1]), 0,
                            with_states=True).states
