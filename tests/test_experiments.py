@@ -59,13 +59,17 @@ def test_train_entry_point_on_the_lm_path(tmp_path):
     assert (tmp_path / "metrics.png").stat().st_size > 5_000 and (tmp_path / "summary.md").exists()
 
 
+def _run_tiny_benchmark(script, out_dir, *flags):
+    """Runs experiments/<script> on the tiny model at batch 8 × 4 new tokens, writing to out_dir."""
+    out = subprocess.run([sys.executable, f"experiments/{script}", "--model=tiny", "--batch=8", "--new_tokens=4",
+                          *flags, f"--out={out_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
 # Slow on a 2-core CPU (20–55 s); `make test-slow` runs it, keeping the default run under 15 minutes.
 @pytest.mark.slow
 def test_memory_benchmark_reports_every_phase(tmp_path):
-    out = subprocess.run([sys.executable, "experiments/bench_memory.py", "--model=tiny", "--batch=8",
-                          "--new_tokens=4", "--steps=1", f"--out={tmp_path}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    _run_tiny_benchmark("bench_memory.py", tmp_path, "--steps=1")
     rows = [line.split(" | ") for line in (tmp_path / "bench_memory_tiny.md").read_text().splitlines()
             if line.startswith("| ") and "GB" not in line]
     assert [r[0].lstrip("| ") for r in rows][-2:] == ["trainer step (largest of 1)", "sampling call (largest of 1)"]
@@ -76,10 +80,7 @@ def test_memory_benchmark_reports_every_phase(tmp_path):
 
 @pytest.mark.slow
 def test_step_benchmark_reports_every_part(tmp_path):
-    out = subprocess.run([sys.executable, "experiments/bench_step.py", "--model=tiny", "--batch=8",
-                          "--new_tokens=4", "--repeats=1", f"--out={tmp_path}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    _run_tiny_benchmark("bench_step.py", tmp_path, "--repeats=1")
     result = json.loads((tmp_path / "bench_step_tiny.json").read_text())
     assert [row[0] for row in result["rows"]] == ["sample", "reference", "policy fwd+bwd", "adam update"]
     assert all(seconds > 0 and flops > 0 for _, seconds, flops, _ in result["rows"])
