@@ -292,7 +292,7 @@ def _layer(c: LlamaConfig, x: Array, params: tuple, attend, *, cos: Array, sin: 
 def _swiglu(h: Array, w_gate: Array, w_up: Array, w_down: Array) -> Array:
     """SwiGLU MLP on h [..., D]: (silu(h·W_gate) ⊙ h·W_up)·W_down. Its backward is written
     out (`_swiglu_bwd`) for the layout of the weights' gradients, not for different maths."""
-    return (jax.nn.silu(h @ w_gate) * (h @ w_up)) @ w_down
+    return _swiglu_fwd(h, w_gate, w_up, w_down)[0]  # residuals unused here: XLA drops them
 
 
 def _swiglu_fwd(h, w_gate, w_up, w_down):
