@@ -380,20 +380,15 @@ def _attention_cached(q: Array, k_t: Array, v: Array, mask: Array) -> Array:
     in an ad-hoc probe, against keys stored [S, hd]).
     """
     b, t, h, hd = q.shape
+    if t > 1:  # a prefill: teacher forcing's batched matmuls (XLA folds the swap into them)
+        return _attention(q, jnp.swapaxes(k_t, 2, 3), v, mask)
     num_kv_heads = k_t.shape[1]
-    q = q.reshape(b, t, num_kv_heads, h // num_kv_heads, hd)
-    if t == 1:
-        qq = q[:, 0, :, :, :, None].astype(jnp.float32)  # [B, KV, G, hd, 1]
-        scores = jnp.sum(qq * k_t[:, :, None].astype(jnp.float32), axis=3)[:, :, :, None, :]
-    else:
-        scores = jnp.einsum("btkgd,bkds->bkgts", q, k_t, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask[:, None, None], scores / jnp.sqrt(hd).astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    qq = q.reshape(b, num_kv_heads, h // num_kv_heads, hd, 1).astype(jnp.float32)  # [B, KV, G, hd, 1]
+    scores = jnp.sum(qq * k_t[:, :, None].astype(jnp.float32), axis=3) / jnp.sqrt(hd).astype(jnp.float32)
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)  # [B, KV, G, S]
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    if t == 1:
-        out = jnp.sum(probs[:, :, :, 0, :, None] * v[:, :, None], axis=3)[:, None]  # [B, 1, KV, G, hd]
-    else:
-        out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
-    return out.reshape(b, t, h, hd)
+    out = jnp.sum(probs[..., None] * v[:, :, None], axis=3)  # [B, KV, G, hd]
+    return out.reshape(b, 1, h, hd)
 
 
 # --- functional face: plain jax.jit over (graphdef, params) -----------------
