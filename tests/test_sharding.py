@@ -143,8 +143,11 @@ def test_resume_on_another_mesh_through_the_loop(tmp_path):
     assert out["state"].params["wq"].sharding.spec == P(None, "fsdp", "tensor")
 
 
-def test_bfloat16_parameters_keep_a_float32_master_and_float32_logprobs(tmp_path):
-    trainer = train.Trainer(config_on((2, 2, 2), tmp_path, param_dtype="bfloat16", compute_dtype="bfloat16"))
+# One device too: XLA's CPU layouts there once gave the prefill's attention scores a
+# BF16 x BF16 -> F32 product its runtime has no kernel for (llama._einsum_f32).
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 1, 1)])
+def test_bfloat16_parameters_keep_a_float32_master_and_float32_logprobs(shape, tmp_path):
+    trainer = train.Trainer(config_on(shape, tmp_path, param_dtype="bfloat16", compute_dtype="bfloat16"))
     assert trainer.config.adam.mu_dtype == ""  # config_on: float32 moments
     state = trainer.init_state()
     master = state.opt_state.master
@@ -153,7 +156,8 @@ def test_bfloat16_parameters_keep_a_float32_master_and_float32_logprobs(tmp_path
             if isinstance(s, optax.ScaleByAdamState)][0]
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(adam.nu))
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(adam.mu))
-    assert master["wq"].sharding.spec == P(None, "fsdp", "tensor")
+    if shape == (2, 2, 2):  # (one device drops the axes of size 1 from the spec)
+        assert master["wq"].sharding.spec == P(None, "fsdp", "tensor")
     _, _, out, _ = trainer.sample(state.params, jax.random.PRNGKey(0), 8)
     assert out.logp.dtype == np.float32
     state, losses = run_steps(trainer, state, 2)

@@ -36,6 +36,23 @@ REMAT_POLICIES = {
 }
 
 
+def _einsum_f32(spec: str, a: Array, b: Array) -> Array:
+    """jnp.einsum(spec, a, b) with float32 results whatever the operands' dtype.
+
+    On accelerators low-precision operands stay as they are, accumulating in float32.
+    XLA's CPU runtime has no BF16 x BF16 -> F32 kernel for some of the layouts it gives
+    these products (the attention scores of a prefill, say: "Unsupported element type for
+    DotThunk::Execute"), so on CPU the operands are upcast first, which is how that
+    backend runs bfloat16 products anyway.
+    """
+    f32 = jnp.float32
+    if a.dtype == f32 and b.dtype == f32:
+        return jnp.einsum(spec, a, b)
+    return jax.lax.platform_dependent(
+        a, b, cpu=lambda a, b: jnp.einsum(spec, a.astype(f32), b.astype(f32)),
+        default=lambda a, b: jnp.einsum(spec, a, b, preferred_element_type=f32))
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     vocab_size: int = 49152
@@ -236,7 +253,7 @@ class Llama(nnx.Module):
         hidden = _rms_norm(x, self.final_norm[...].astype(cdt), c.norm_eps)
         logits = None
         if with_logits:
-            logits = jnp.dot(hidden, self.output_weights(), preferred_element_type=jnp.float32).astype(jnp.float32)
+            logits = _einsum_f32("...d,dv->...v", hidden, self.output_weights())
         values = None
         if self.value_w is not None:
             values = (hidden.astype(jnp.float32) @ self.value_w[...].astype(jnp.float32))[..., 0] + self.value_b[...][0]
@@ -361,7 +378,7 @@ def _attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     b, t, h, hd = q.shape
     num_kv_heads = k.shape[1]
     q = q.reshape(b, t, num_kv_heads, h // num_kv_heads, hd)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(hd).astype(jnp.float32)
+    scores = _einsum_f32("btkgd,bksd->bkgts", q, k) / jnp.sqrt(hd).astype(jnp.float32)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
@@ -413,11 +430,11 @@ def token_logp_from_logits(logits: Array, targets: Array) -> Array:
 def _projected_token_logp(hidden: Array, out_w: Array, targets: Array) -> Array:
     """token_logp_from_logits(hidden @ out_w, targets): hidden [..., D], out_w [D, V],
     targets [...] int → [...] float32, with a backward pass written for memory (below)."""
-    return token_logp_from_logits(jnp.dot(hidden, out_w, preferred_element_type=jnp.float32), targets)
+    return token_logp_from_logits(_einsum_f32("...d,dv->...v", hidden, out_w), targets)
 
 
 def _projected_token_logp_fwd(hidden, out_w, targets):
-    logits = jnp.dot(hidden, out_w, preferred_element_type=jnp.float32)
+    logits = _einsum_f32("...d,dv->...v", hidden, out_w)
     log_norm = jax.nn.logsumexp(logits, axis=-1)
     chosen = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return chosen - log_norm, (hidden, out_w, targets, logits, log_norm)
@@ -434,8 +451,8 @@ def _projected_token_logp_bwd(residuals, g):
     hidden, out_w, targets, logits, log_norm = residuals
     onehot = jnp.arange(logits.shape[-1]) == targets[..., None]
     d_logits = (g[..., None] * (onehot - jnp.exp(logits - log_norm[..., None]))).astype(out_w.dtype)
-    d_out_w = jnp.einsum("...d,...v->dv", hidden, d_logits, preferred_element_type=jnp.float32).astype(out_w.dtype)
-    d_hidden = jnp.dot(d_logits, out_w.T, preferred_element_type=jnp.float32)
+    d_out_w = _einsum_f32("...d,...v->dv", hidden, d_logits).astype(out_w.dtype)
+    d_hidden = _einsum_f32("...v,dv->...d", d_logits, out_w)
     d_hidden = (d_hidden + 0 * d_out_w[0, 0]).astype(hidden.dtype)  # the ordering dependency (0·x: XLA keeps it)
     return d_hidden, d_out_w, None
 
@@ -618,7 +635,7 @@ def _token_logp_grads(hidden: Array, out_w: Array, targets: Array, g: Array, chu
 
     def block(d_out_w, xs):
         h_c, t_c, g_c = xs
-        logits = jnp.dot(h_c, out_w, preferred_element_type=jnp.float32)
+        logits = _einsum_f32("...d,dv->...v", h_c, out_w)
         log_norm = jax.nn.logsumexp(logits, axis=-1)
         d_h, d_w, _ = _projected_token_logp_bwd((h_c, out_w, t_c, logits, log_norm), g_c)
         return d_out_w + d_w.astype(jnp.float32), d_h
