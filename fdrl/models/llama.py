@@ -53,6 +53,38 @@ def _einsum_f32(spec: str, a: Array, b: Array) -> Array:
         default=lambda a, b: jnp.einsum(spec, a, b, preferred_element_type=f32))
 
 
+def _matmul(x: Array, w: Array) -> Array:
+    """x [..., D] @ w [D, F] in x's dtype; low-precision operands through `_low_matmul`."""
+    return x @ w if x.dtype == jnp.float32 else _low_matmul(x, w)
+
+
+@jax.custom_vjp
+def _low_matmul(x: Array, w: Array) -> Array:
+    """x @ w for bfloat16 operands, multiplied with float32 results and rounded once. XLA
+    on CPU runs a bfloat16 -> bfloat16 product as a float32 dot of converted copies; asked
+    for a float32 result it keeps the operands bfloat16 (AMX on Intel CPUs that have it).
+    The backward pass is autodiff's for x @ w: plain bfloat16 products."""
+    return _fwd_matmul(x, w)
+
+
+def _low_matmul_fwd(x, w):
+    return _low_matmul(x, w), (x, w)
+
+
+def _low_matmul_bwd(residuals, g):
+    x, w = residuals
+    d_w = x.reshape(-1, x.shape[-1]).T @ g.reshape(-1, g.shape[-1])
+    return g @ w.T, d_w.astype(w.dtype)
+
+
+_low_matmul.defvjp(_low_matmul_fwd, _low_matmul_bwd)
+
+
+def _fwd_matmul(x: Array, w: Array) -> Array:
+    """`_matmul` where the caller writes the backward pass itself."""
+    return x @ w if x.dtype == jnp.float32 else jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     vocab_size: int = 49152
@@ -295,12 +327,12 @@ def _layer(c: LlamaConfig, x: Array, params: tuple, attend, *, cos: Array, sin: 
     batch, length = x.shape[:2]
     attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down = (p.astype(cdt) for p in params)
     h = _rms_norm(x, attn_norm, c.norm_eps)
-    q = (h @ wq).reshape(batch, length, c.num_heads, c.head_dim)
-    k = (h @ wk).reshape(batch, length, c.num_kv_heads, c.head_dim)
-    v = (h @ wv).reshape(batch, length, c.num_kv_heads, c.head_dim)
+    q = _matmul(h, wq).reshape(batch, length, c.num_heads, c.head_dim)
+    k = _matmul(h, wk).reshape(batch, length, c.num_kv_heads, c.head_dim)
+    v = _matmul(h, wv).reshape(batch, length, c.num_kv_heads, c.head_dim)
     q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
     attn, extra = attend(q, k, v)
-    x = x + attn.reshape(batch, length, -1) @ wo
+    x = x + _matmul(attn.reshape(batch, length, -1), wo)
     h = _rms_norm(x, mlp_norm, c.norm_eps)
     x = x + _swiglu(h, w_gate, w_up, w_down)
     return x, extra
@@ -314,8 +346,8 @@ def _swiglu(h: Array, w_gate: Array, w_up: Array, w_down: Array) -> Array:
 
 
 def _swiglu_fwd(h, w_gate, w_up, w_down):
-    gate, up = h @ w_gate, h @ w_up
-    return (jax.nn.silu(gate) * up) @ w_down, (h, gate, up, w_gate, w_up, w_down)
+    gate, up = _fwd_matmul(h, w_gate), _fwd_matmul(h, w_up)
+    return _fwd_matmul(jax.nn.silu(gate) * up, w_down), (h, gate, up, w_gate, w_up, w_down)
 
 
 def _swiglu_bwd(residuals, g):
