@@ -47,6 +47,10 @@ _MESH_SHAPE = flags.DEFINE_string("mesh_shape", "1,-1,1", "data,fsdp,tensor of t
                                   "8 data-parallel replicas of SmolLM2's state do not fit in 24 GB.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per --mesh measurement (median).")
 _WORKER = flags.DEFINE_string("worker", "", "Internal: run one --mesh measurement with this mesh shape, print JSON.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                            "config.param_dtype and compute_dtype of the single-device step; the reference "
+                            "matmul runs in the same precision (bfloat16 operands with float32 results, as the "
+                            "layers' products).")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Accelerator peak TFLOP/s for MFU; 0 = look up the device kind.")
 
 # Dense peak TFLOP/s by device kind (float32 matmul on CPU is measured instead).
@@ -74,10 +78,11 @@ def xla_flops(jitted, *args) -> float:
     return float(cost.get("flops", 0.0))
 
 
-def matmul_rate(repeats: int) -> float:
+def matmul_rate(repeats: int, dtype: str = "float32") -> float:
+    """FLOP/s of a 2048³ matmul under jit: float32, or bfloat16 operands with float32 results."""
     n = 2048
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
+    f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
     seconds, _ = timed(f, a, repeats=max(repeats, 5))
     return 2 * n**3 / seconds
 
@@ -194,7 +199,7 @@ def main(argv):
         return mesh_compare()
     config = smollm2_sentiment.get_config()
     config.update(dict(model=_MODEL.value, batch_size=_BATCH.value, max_new_tokens=_NEW.value, f="js",
-                       progress_bar=False, remat=_REMAT.value))
+                       progress_bar=False, remat=_REMAT.value, param_dtype=_DTYPE.value, compute_dtype=_DTYPE.value))
     trainer = train.Trainer(config)
     trainer.compile()  # as the training loop does: before the train state exists
     task, state = trainer.task, trainer.init_state()
@@ -208,7 +213,7 @@ def main(argv):
     host_memory.release_free_heap()
     # The matmul rate moves by ±5% between measurements on a shared host: measured before the
     # steps, after them and after the parts, the fractions use the highest (the least flattering).
-    matmul_rates = [matmul_rate(_REPEATS.value)]
+    matmul_rates = [matmul_rate(_REPEATS.value, _DTYPE.value)]
     times, kernel = [], []
     for _ in range(_REPEATS.value):
         start, usage = time.perf_counter(), host_memory.kernel_usage()
@@ -221,7 +226,7 @@ def main(argv):
     step_faults = statistics.median(k.minor_faults for k in kernel)
     step_system_s = statistics.median(k.system_seconds for k in kernel)
     peak_rss_gb = host_memory.peak_rss_gb()
-    matmul_rates.append(matmul_rate(_REPEATS.value))
+    matmul_rates.append(matmul_rate(_REPEATS.value, _DTYPE.value))
 
     prompt, valid, out, ctx = trainer.sample(state.params, key, config.batch_size)
     log_potential = trainer.score(out)
@@ -290,16 +295,19 @@ def main(argv):
     rows.append(("adam update", statistics.median(upd_times[1:]), adam, adam))
 
     total_flops = sum(r[2] for r in rows)
-    matmul_rates.append(matmul_rate(_REPEATS.value))
+    matmul_rates.append(matmul_rate(_REPEATS.value, _DTYPE.value))
     peak_flops = max(matmul_rates)
     rates_text = " / ".join(f"{r / 1e9:.1f}" for r in matmul_rates)
 
     lines = [f"# f-DPG step benchmark: {_MODEL.value}, batch {config.batch_size} × {config.max_new_tokens} new tokens, "
-             f"on-policy js, remat {_REMAT.value}", "",
-             f"Command: `python experiments/bench_step.py --model={_MODEL.value} --remat={_REMAT.value}`",
+             f"on-policy js, remat {_REMAT.value}, {_DTYPE.value}", "",
+             f"Command: `python experiments/bench_step.py --model={_MODEL.value} --remat={_REMAT.value}"
+             + ("" if _DTYPE.value == "float32" else f" --dtype={_DTYPE.value}") + "`",
              "",
              f"Device: {jax.devices()[0].device_kind} ×{jax.device_count()}, jax {jax.__version__}. "
-             f"Reference rate: 2048³ float32 matmul under jit = {peak_flops / 1e9:.1f} GFLOP/s, the highest of "
+             f"Reference rate: 2048³ {_DTYPE.value} matmul under jit "
+             + ("" if _DTYPE.value == "float32" else "(float32 results) ")
+             + f"= {peak_flops / 1e9:.1f} GFLOP/s, the highest of "
              f"{rates_text} GFLOP/s measured before the trainer steps, after them and after the parts (same run).", ""]
     table = []
     for name, seconds, flops, xla in rows:
@@ -328,7 +336,8 @@ def main(argv):
               "anew by each execution (fdrl.host_memory.kernel_usage); where a virtual machine's host reclaims "
               "freed guest memory these faults are slow and the step with them."]
     report = "\n".join(lines)
-    suffix = "" if _MODEL.value == "smollm2" else f"_{_MODEL.value}"
+    suffix = ("" if _MODEL.value == "smollm2" else f"_{_MODEL.value}") + (
+        "" if _DTYPE.value == "float32" else f"_{_DTYPE.value}")
     common.write_results(_OUT.value, f"bench_step{suffix}", report,
                          dict(rows=[list(r) for r in rows], step_seconds=t_step, matmul_flops_per_s=peak_flops,
                               matmul_flops_per_s_measured=matmul_rates,

@@ -79,13 +79,16 @@ def test_memory_benchmark_reports_every_phase(tmp_path):
 
 
 @pytest.mark.slow
-def test_step_benchmark_reports_every_part(tmp_path):
-    _run_tiny_benchmark("bench_step.py", tmp_path, "--repeats=1")
-    result = json.loads((tmp_path / "bench_step_tiny.json").read_text())
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_step_benchmark_reports_every_part(dtype, tmp_path):
+    _run_tiny_benchmark("bench_step.py", tmp_path, "--repeats=1", f"--dtype={dtype}")
+    name = "bench_step_tiny" + ("" if dtype == "float32" else "_bfloat16")
+    result = json.loads((tmp_path / f"{name}.json").read_text())
     assert [row[0] for row in result["rows"]] == ["sample", "reference", "policy fwd+bwd", "adam update"]
     assert all(seconds > 0 and flops > 0 for _, seconds, flops, _ in result["rows"])
     # The fractions use the highest of the three matmul measurements.
     rates = result["matmul_flops_per_s_measured"]
     assert len(rates) == 3 and result["matmul_flops_per_s"] == max(rates) > 1e9
     assert 0.1 < result["peak_rss_gb"] < 24 and result["step_minor_faults"] >= 0
-    assert "the highest of" in (tmp_path / "bench_step_tiny.md").read_text()
+    report = (tmp_path / f"{name}.md").read_text()
+    assert "the highest of" in report and f"2048³ {dtype} matmul" in report
