@@ -73,8 +73,8 @@ def _low_matmul_fwd(x, w):
 
 def _low_matmul_bwd(residuals, g):
     x, w = residuals
-    d_w = x.reshape(-1, x.shape[-1]).T @ g.reshape(-1, g.shape[-1])
-    return g @ w.T, d_w.astype(w.dtype)
+    d_w = _fwd_matmul(x.reshape(-1, x.shape[-1]).T, g.reshape(-1, g.shape[-1]))
+    return _fwd_matmul(g, w.T), d_w.astype(w.dtype)
 
 
 _low_matmul.defvjp(_low_matmul_fwd, _low_matmul_bwd)
@@ -364,14 +364,14 @@ def _swiglu_bwd(residuals, g):
     gate2, up2 = gate.reshape(-1, hidden_dim), up.reshape(-1, hidden_dim)
     sig = jax.nn.sigmoid(gate2)
     act = gate2 * sig
-    d_hidden = g2 @ w_down.T
+    d_hidden = _fwd_matmul(g2, w_down.T)
     d_up = d_hidden * act
     d_gate = d_hidden * up2 * (sig * (1 + gate2 * (1 - sig)))
     h_t, g_t = jax.lax.optimization_barrier((h2.T, g2.T))
-    d_w_gate = (h_t @ d_gate).astype(w_gate.dtype)
-    d_w_up = (h_t @ d_up).astype(w_up.dtype)
-    d_w_down = (g_t @ (act * up2)).T.astype(w_down.dtype)
-    d_h = (d_gate @ w_gate.T + d_up @ w_up.T).reshape(h.shape).astype(h.dtype)
+    d_w_gate = _fwd_matmul(h_t, d_gate).astype(w_gate.dtype)
+    d_w_up = _fwd_matmul(h_t, d_up).astype(w_up.dtype)
+    d_w_down = _fwd_matmul(g_t, act * up2).T.astype(w_down.dtype)
+    d_h = (_fwd_matmul(d_gate, w_gate.T) + _fwd_matmul(d_up, w_up.T)).reshape(h.shape).astype(h.dtype)
     return d_h, d_w_gate, d_w_up, d_w_down
 
 
