@@ -92,3 +92,5 @@ def test_step_benchmark_reports_every_part(dtype, tmp_path):
     assert 0.1 < result["peak_rss_gb"] < 24 and result["step_minor_faults"] >= 0
     report = (tmp_path / f"{name}.md").read_text()
     assert "the highest of" in report and f"2048³ {dtype} matmul" in report
+    assert result["float32_matmul_flops_per_s"] > 1e9
+    assert ("A 2048³ float32 matmul ran at" in report) == (dtype == "bfloat16")
