@@ -298,7 +298,7 @@ def main(argv):
     matmul_rates.append(matmul_rate(_REPEATS.value, _DTYPE.value))
     peak_flops = max(matmul_rates)
     rates_text = " / ".join(f"{r / 1e9:.1f}" for r in matmul_rates)
-    # In low precision, also the float32 rate: the step set beside what the float32 step is measured against.
+    # In bfloat16, the float32 rate as well: the reference of the float32 step, for comparison.
     f32_rate = max(matmul_rate(_REPEATS.value) for _ in range(3)) if _DTYPE.value != "float32" else peak_flops
 
     lines = [f"# f-DPG step benchmark: {_MODEL.value}, batch {config.batch_size} × {config.max_new_tokens} new tokens, "
