@@ -53,6 +53,15 @@ def _einsum_f32(spec: str, a: Array, b: Array) -> Array:
         default=lambda a, b: jnp.einsum(spec, a, b, preferred_element_type=f32))
 
 
+def _rounded_matmul(x: Array, w: Array) -> Array:
+    """x @ w in x's dtype, a low-precision product made with float32 results and rounded
+    once; no backward of its own (`_matmul` is the differentiable face; `_swiglu` writes its
+    own). Unlike `_einsum_f32` it keeps preferred_element_type on CPU: these plain 2-D
+    products go to XLA's library kernels, which take BF16 x BF16 -> F32 (bfloat16 trainer
+    steps on one device and on a 2 x 2 x 2 mesh in tests/test_sharding.py)."""
+    return x @ w if x.dtype == jnp.float32 else jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 def _matmul(x: Array, w: Array) -> Array:
     """x [..., D] @ w [D, F] in x's dtype; low-precision operands through `_low_matmul`."""
     return x @ w if x.dtype == jnp.float32 else _low_matmul(x, w)
@@ -65,7 +74,7 @@ def _low_matmul(x: Array, w: Array) -> Array:
     for a float32 result it keeps the operands bfloat16 (AMX on Intel CPUs that have it).
     The backward pass is autodiff's for x @ w, its products likewise (autodiff's transpose
     of a float32-result product would multiply a float32 cotangent by bfloat16 weights)."""
-    return _fwd_matmul(x, w)
+    return _rounded_matmul(x, w)
 
 
 def _low_matmul_fwd(x, w):
@@ -74,19 +83,11 @@ def _low_matmul_fwd(x, w):
 
 def _low_matmul_bwd(residuals, g):
     x, w = residuals
-    d_w = _fwd_matmul(x.reshape(-1, x.shape[-1]).T, g.reshape(-1, g.shape[-1]))
-    return _fwd_matmul(g, w.T), d_w.astype(w.dtype)
+    d_w = _rounded_matmul(x.reshape(-1, x.shape[-1]).T, g.reshape(-1, g.shape[-1]))
+    return _rounded_matmul(g, w.T), d_w.astype(w.dtype)
 
 
 _low_matmul.defvjp(_low_matmul_fwd, _low_matmul_bwd)
-
-
-def _fwd_matmul(x: Array, w: Array) -> Array:
-    """`_matmul` where the caller writes the backward pass itself. Unlike `_einsum_f32` it
-    keeps preferred_element_type on CPU: these plain 2-D products go to XLA's library
-    kernels, which take BF16 x BF16 -> F32 (bfloat16 trainer steps on one device and on a
-    2 x 2 x 2 mesh in tests/test_sharding.py)."""
-    return x @ w if x.dtype == jnp.float32 else jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,8 +351,8 @@ def _swiglu(h: Array, w_gate: Array, w_up: Array, w_down: Array) -> Array:
 
 
 def _swiglu_fwd(h, w_gate, w_up, w_down):
-    gate, up = _fwd_matmul(h, w_gate), _fwd_matmul(h, w_up)
-    return _fwd_matmul(jax.nn.silu(gate) * up, w_down), (h, gate, up, w_gate, w_up, w_down)
+    gate, up = _rounded_matmul(h, w_gate), _rounded_matmul(h, w_up)
+    return _rounded_matmul(jax.nn.silu(gate) * up, w_down), (h, gate, up, w_gate, w_up, w_down)
 
 
 def _swiglu_bwd(residuals, g):
@@ -368,14 +369,14 @@ def _swiglu_bwd(residuals, g):
     gate2, up2 = gate.reshape(-1, hidden_dim), up.reshape(-1, hidden_dim)
     sig = jax.nn.sigmoid(gate2)
     act = gate2 * sig
-    d_hidden = _fwd_matmul(g2, w_down.T)
+    d_hidden = _rounded_matmul(g2, w_down.T)
     d_up = d_hidden * act
     d_gate = d_hidden * up2 * (sig * (1 + gate2 * (1 - sig)))
     h_t, g_t = jax.lax.optimization_barrier((h2.T, g2.T))
-    d_w_gate = _fwd_matmul(h_t, d_gate).astype(w_gate.dtype)
-    d_w_up = _fwd_matmul(h_t, d_up).astype(w_up.dtype)
-    d_w_down = _fwd_matmul(g_t, act * up2).T.astype(w_down.dtype)
-    d_h = (_fwd_matmul(d_gate, w_gate.T) + _fwd_matmul(d_up, w_up.T)).reshape(h.shape).astype(h.dtype)
+    d_w_gate = _rounded_matmul(h_t, d_gate).astype(w_gate.dtype)
+    d_w_up = _rounded_matmul(h_t, d_up).astype(w_up.dtype)
+    d_w_down = _rounded_matmul(g_t, act * up2).T.astype(w_down.dtype)
+    d_h = (_rounded_matmul(d_gate, w_gate.T) + _rounded_matmul(d_up, w_up.T)).reshape(h.shape).astype(h.dtype)
     return d_h, d_w_gate, d_w_up, d_w_down
 
 
