@@ -169,21 +169,25 @@ def test_swiglu_backward_equals_autodiff(dtype, scale):
         np.testing.assert_allclose(a, b, rtol=0, atol=eps * np.abs(b).max())
 
 
-def test_bfloat16_matmul_rounds_once_and_differentiates_as_autodiff():
+@pytest.mark.parametrize("scale", [1.0, 1e17])
+def test_bfloat16_matmul_rounds_once_and_differentiates_as_autodiff(scale):
     """The layers' bfloat16 products (float32 results rounded once, for the CPU's bfloat16
     kernels) equal the float32 product rounded to bfloat16, and their backward pass is
-    autodiff's of x @ w; float32 operands take the plain product."""
+    autodiff's of x @ w; float32 operands take the plain product. At operands of ±1e17
+    (products near 1e34, within bfloat16's range) everything stays finite."""
     kx, kw, kc = jax.random.split(jax.random.PRNGKey(0), 3)
-    x = jax.random.normal(kx, (3, 5, 8)).astype(jnp.bfloat16)
-    w = jax.random.normal(kw, (8, 12)).astype(jnp.bfloat16)
+    x = (scale * jax.random.normal(kx, (3, 5, 8))).astype(jnp.bfloat16)
+    w = (scale * jax.random.normal(kw, (8, 12))).astype(jnp.bfloat16)
     cotangent = jax.random.normal(kc, (3, 5, 12)).astype(jnp.bfloat16)
     out, vjp = jax.vjp(jax.jit(llama._matmul), x, w)
     exact = np.asarray(x, np.float32) @ np.asarray(w, np.float32)
     assert out.dtype == jnp.bfloat16
+    assert np.all(np.isfinite(exact)) and np.all(np.isfinite(np.asarray(out, np.float32)))
     np.testing.assert_allclose(np.asarray(out, np.float32), exact, rtol=2 ** -8, atol=1e-6)
     _, plain_vjp = jax.vjp(lambda x, w: x @ w, x, w)
     for a, b in zip(jax.jit(vjp)(cotangent), plain_vjp(cotangent)):
         assert a.dtype == b.dtype == jnp.bfloat16 and a.shape == b.shape
+        assert np.all(np.isfinite(np.asarray(a, np.float32)))
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2 ** -7, atol=1e-6)
     x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
     np.testing.assert_array_equal(llama._matmul(x32, w32), x32 @ w32)
