@@ -17,7 +17,8 @@ def base_config() -> ml_collections.ConfigDict:
     # and the optimiser state, with a float32 master copy of the weights, stay float32).
     # On a CPU with AMX bfloat16 is faster too (SmolLM2 step 11.1 s vs 14.1 s on one such
     # host, `experiments/bench_step.py --dtype=bfloat16`), but the sampler's log-probs then
-    # differ from teacher forcing's by ~1e-3, not ~1e-7, and memory grows by the master copy.
+    # differ from teacher forcing's by up to 7e-4 (5e-7 in float32, on the tiny test model),
+    # and memory grows by the master copy.
     c.param_dtype = "float32"
     c.compute_dtype = "float32"
     # What the backward pass keeps of each layer (fdrl.models.llama.REMAT_POLICIES): "full"
