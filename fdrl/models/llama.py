@@ -53,6 +53,11 @@ def _einsum_f32(spec: str, a: Array, b: Array) -> Array:
         default=lambda a, b: jnp.einsum(spec, a, b, preferred_element_type=f32))
 
 
+def _logits(hidden: Array, out_w: Array) -> Array:
+    """The output projection: hidden [..., D] @ out_w [D, V] → float32 logits [..., V]."""
+    return _einsum_f32("...d,dv->...v", hidden, out_w)
+
+
 def _rounded_matmul(x: Array, w: Array) -> Array:
     """x @ w in x's dtype, a low-precision product made with float32 results and rounded
     once; no backward of its own (`_matmul` is the differentiable face; `_swiglu` writes its
@@ -290,7 +295,7 @@ class Llama(nnx.Module):
         hidden = _rms_norm(x, self.final_norm[...].astype(cdt), c.norm_eps)
         logits = None
         if with_logits:
-            logits = _einsum_f32("...d,dv->...v", hidden, self.output_weights())
+            logits = _logits(hidden, self.output_weights())
         values = None
         if self.value_w is not None:
             values = (hidden.astype(jnp.float32) @ self.value_w[...].astype(jnp.float32))[..., 0] + self.value_b[...][0]
@@ -467,11 +472,11 @@ def token_logp_from_logits(logits: Array, targets: Array) -> Array:
 def _projected_token_logp(hidden: Array, out_w: Array, targets: Array) -> Array:
     """token_logp_from_logits(hidden @ out_w, targets): hidden [..., D], out_w [D, V],
     targets [...] int → [...] float32, with a backward pass written for memory (below)."""
-    return token_logp_from_logits(_einsum_f32("...d,dv->...v", hidden, out_w), targets)
+    return token_logp_from_logits(_logits(hidden, out_w), targets)
 
 
 def _projected_token_logp_fwd(hidden, out_w, targets):
-    logits = _einsum_f32("...d,dv->...v", hidden, out_w)
+    logits = _logits(hidden, out_w)
     log_norm = jax.nn.logsumexp(logits, axis=-1)
     chosen = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return chosen - log_norm, (hidden, out_w, targets, logits, log_norm)
@@ -672,7 +677,7 @@ def _token_logp_grads(hidden: Array, out_w: Array, targets: Array, g: Array, chu
 
     def block(d_out_w, xs):
         h_c, t_c, g_c = xs
-        logits = _einsum_f32("...d,dv->...v", h_c, out_w)
+        logits = _logits(h_c, out_w)
         log_norm = jax.nn.logsumexp(logits, axis=-1)
         d_h, d_w, _ = _projected_token_logp_bwd((h_c, out_w, t_c, logits, log_norm), g_c)
         return d_out_w + d_w.astype(jnp.float32), d_h
