@@ -63,6 +63,33 @@ def test_cached_decoding_equals_full_forward(tiny):
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-4)
 
 
+def test_bfloat16_cached_decoding_keeps_bfloat16_values_and_equals_full_forward():
+    """With bfloat16 compute the cache holds bfloat16 values, stored as float32 on CPU
+    (llama.cache_dtype: XLA on CPU would convert a bfloat16 cache whole at every slot
+    written), and cached decoding still matches the full forward pass to bfloat16 round-off."""
+    config = llama.LlamaConfig.tiny(param_dtype="bfloat16", compute_dtype="bfloat16")
+    graphdef, params = nnx.split(llama.Llama(config, rngs=nnx.Rngs(0)))
+    tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 8), 0, 97)
+    valid = jnp.ones((2, 8), bool)
+    full = llama.forward(graphdef, params, tokens, valid).logits
+    step = jax.jit(functools.partial(llama.forward, graphdef), static_argnums=4)
+    cache = llama.KVCache.init(config, 2, 8)
+    expected_dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    assert {b.dtype for b in cache.k + cache.v} == {jnp.dtype(expected_dtype)}  # 16-bit: converted whole per slot
+    out = step(params, tokens[:, :5], valid[:, :5], cache, 0)
+    logits = [out.logits]
+    for t in range(5, 8):
+        out = step(params, tokens[:, t:t + 1], valid[:, t:t + 1], out.cache, t)
+        logits.append(out.logits)
+    for buffer in out.cache.k + out.cache.v:
+        values = np.asarray(buffer, np.float32)
+        assert np.any(values != 0)
+        np.testing.assert_array_equal(values, np.asarray(jnp.asarray(values).astype(jnp.bfloat16), np.float32))
+    cached = np.asarray(jnp.concatenate(logits, axis=1))
+    assert np.all(np.isfinite(cached))
+    np.testing.assert_allclose(cached, np.asarray(full), rtol=0, atol=2e-2 * np.abs(np.asarray(full)).max())
+
+
 def test_continuation_logp_matches_log_softmax(tiny):
     _, graphdef, params = tiny
     prompt = jnp.array([[0, 5, 6], [7, 8, 9]])
