@@ -1,4 +1,5 @@
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -218,6 +219,32 @@ def test_bfloat16_matmul_rounds_once_and_differentiates_as_autodiff(scale):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2 ** -7, atol=1e-6)
     x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
     np.testing.assert_array_equal(llama._matmul(x32, w32), x32 @ w32)
+
+
+def _dot_operand_dtypes(compiled_text: str) -> list:
+    """The operand dtypes of every dot in XLA's optimised HLO: those of the parameters of
+    each computation that holds a dot (on CPU each dot sits alone in a fusion)."""
+    found = []
+    for header, body in re.findall(r"^%[\w.\-]+ \((.*?)\) -> .*? \{\n(.*?)\n\}", compiled_text, re.M | re.S):
+        if " dot(" in body:
+            found.append(sorted(set(re.findall(r":\s*([a-z]+\d*)\[", header))))
+    return found
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA's CPU compiler is the one that upcasts")
+@pytest.mark.parametrize("fn,shapes,products", [
+    (llama._matmul, [(4, 63, 48), (48, 96)], 2),  # the backward's two
+    (llama._swiglu, [(4, 63, 48), (48, 96), (48, 96), (96, 48)], 8)])  # gate and up (residuals), 6 backward
+def test_bfloat16_backward_products_stay_bfloat16_on_cpu(fn, shapes, products):
+    """The backward passes' products of bfloat16 layers take bfloat16 operands on CPU
+    (llama._transposed): XLA on CPU makes a product with a transposed bfloat16 operand a
+    float32 product of converted copies, at a fraction of the bfloat16 rate on AMX."""
+    args = [jax.random.normal(jax.random.PRNGKey(i), s).astype(jnp.bfloat16) for i, s in enumerate(shapes)]
+    cotangent = jnp.ones(jax.eval_shape(fn, *args).shape, jnp.bfloat16)
+    backward = jax.jit(lambda *a: jax.vjp(fn, *a)[1](cotangent))
+    dtypes = _dot_operand_dtypes(backward.lower(*args).compile().as_text())
+    assert len(dtypes) == products, dtypes
+    assert all(d == ["bf16"] for d in dtypes), dtypes
 
 
 @pytest.mark.parametrize("chunk", [0, 4])
