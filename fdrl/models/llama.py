@@ -527,17 +527,49 @@ def _projected_token_logp_bwd(residuals, g):
     """Written for memory. The logits' cotangent g·(onehot(target) − softmax) is one
     elementwise pass over the logits (autodiff makes a scatter of g and a
     transposed copy: two more [..., V] buffers). Both projections' gradients are made
-    from it at once, and the hidden states' gradient is made to depend on the output
-    weights' one: XLA otherwise defers the weights' gradient past the layers' backward
-    pass, holding the [..., V] cotangent through all of it. (An optimization_barrier
-    does not hold: XLA on CPU expands it away before ordering the instructions.)"""
+    from it at once (`_output_projection_grads`)."""
     hidden, out_w, targets, logits, log_norm = residuals
+    d_logits = _logits_cotangent(logits, log_norm, targets, g).astype(out_w.dtype)
+    d_hidden, d_out_w = _output_projection_grads(hidden, d_logits, _output_operands(out_w)[1])
+    return d_hidden, d_out_w.astype(out_w.dtype), None
+
+
+def _logits_cotangent(logits: Array, log_norm: Array, targets: Array, g: Array) -> Array:
+    """d/d logits of Σ g · (logits[target] − log_norm): logits [..., V], the rest [...]."""
     onehot = jnp.arange(logits.shape[-1]) == targets[..., None]
-    d_logits = (g[..., None] * (onehot - jnp.exp(logits - log_norm[..., None]))).astype(out_w.dtype)
-    d_out_w = _einsum_f32("...d,...v->dv", hidden, d_logits).astype(out_w.dtype)
-    d_hidden = _einsum_f32("...v,dv->...d", d_logits, out_w)
+    return g[..., None] * (onehot - jnp.exp(logits - log_norm[..., None]))
+
+
+def _output_operands(out_w: Array) -> tuple:
+    """out_w [D, V] and its transpose [V, D] as the output projection's products take them:
+    float32 as they are; low precision row-major (`_transposed`: on CPU a bfloat16 product
+    with a transposed operand runs as a float32 one). Make them once per call."""
+    if out_w.dtype == jnp.float32:
+        return out_w, out_w.T
+    return _transposed(out_w.T), _transposed(out_w)
+
+
+def _dot_f32(x: Array, w: Array) -> Array:
+    """x [..., K] @ w [K, N] with float32 results (for low precision pass w row-major,
+    `_output_operands`)."""
+    if x.dtype == jnp.float32 and w.dtype == jnp.float32:
+        return x @ w
+    return jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+
+def _output_projection_grads(hidden: Array, d_logits: Array, w_vd: Array):
+    """The gradients of the output projection logits = hidden @ out_w from their cotangent:
+    hidden [..., D], d_logits [..., V], w_vd = out_w.T [V, D] (`_output_operands`) →
+    d_hidden [..., D] in hidden's dtype, d_out_w [D, V] float32.
+
+    d_hidden is made to depend on d_out_w: XLA otherwise defers the weights' gradient past
+    the layers' backward pass, holding the [..., V] cotangent through all of it. (An
+    optimization_barrier does not hold: XLA on CPU expands it away before ordering the
+    instructions.)"""
+    d_out_w = _dot_f32(_transposed(hidden.reshape(-1, hidden.shape[-1])), d_logits.reshape(-1, d_logits.shape[-1]))
+    d_hidden = _dot_f32(d_logits, w_vd)
     d_hidden = (d_hidden + 0 * d_out_w[0, 0]).astype(hidden.dtype)  # the ordering dependency (0·x: XLA keeps it)
-    return d_hidden, d_out_w, None
+    return d_hidden, d_out_w
 
 
 _projected_token_logp.defvjp(_projected_token_logp_fwd, _projected_token_logp_bwd)
@@ -715,13 +747,15 @@ def _token_logp_grads(hidden: Array, out_w: Array, targets: Array, g: Array, chu
     b, n, _ = hidden.shape
     per_chunk = _positions_per_chunk(b, n, chunk)
     xs = tuple(_to_chunks(x, per_chunk) for x in (hidden, targets, g))
+    w_dv, w_vd = _output_operands(out_w)  # once for all chunks
 
     def block(d_out_w, xs):
         h_c, t_c, g_c = xs
-        logits = _logits(h_c, out_w)
+        logits = _dot_f32(h_c, w_dv)
         log_norm = jax.nn.logsumexp(logits, axis=-1)
-        d_h, d_w, _ = _projected_token_logp_bwd((h_c, out_w, t_c, logits, log_norm), g_c)
-        return d_out_w + d_w.astype(jnp.float32), d_h
+        d_logits = _logits_cotangent(logits, log_norm, t_c, g_c).astype(out_w.dtype)
+        d_h, d_w = _output_projection_grads(h_c, d_logits, w_vd)
+        return d_out_w + d_w, d_h
 
     d_out_w, d_h = jax.lax.scan(block, jnp.zeros(out_w.shape, jnp.float32), xs)
     return _from_chunks(d_h, n), d_out_w
