@@ -15,7 +15,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model_seed = 0  # tiny model init
     # Precision: float32 suits CPUs; on GPU/TPU set both to "bfloat16" (log-probs, losses
     # and the optimiser state, with a float32 master copy of the weights, stay float32).
-    # On a CPU with AMX bfloat16 is faster too (SmolLM2 step 10.7 s vs 14.4 s on one such
+    # On a CPU with AMX bfloat16 is faster too (SmolLM2 step 8.4 s vs 14.4 s on one such
     # host, `experiments/bench_step.py --dtype=bfloat16`), but the sampler's log-probs then
     # differ from teacher forcing's by up to 7e-4 (5e-7 in float32, on the tiny test model),
     # and memory grows by the master copy.
