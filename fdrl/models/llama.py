@@ -73,10 +73,11 @@ def _transposed(x: Array) -> Array:
 
     float32: plain x.T. Low precision on CPU: a row-major copy made by a gather. XLA on CPU
     keeps a bfloat16 product in bfloat16 (AMX where the CPU has it) only when both operands
-    are row-major and contract as [M, K] × [K, N]. It folds any transpose (even one behind
-    an optimization_barrier or a lax.cond) into the product and then multiplies float32
-    copies of the operands instead: ~200 against ~900 GFLOP/s for SmolLM2's layer shapes
-    on an AMX host. A gather that permutes the elements is not folded. (On a mesh of CPU
+    are row-major and contract as [M, K] × [K, N]. A transpose made any other way (even
+    behind an optimization_barrier or inside a lax.cond) ends up folded into the product or
+    laid out column-major, and XLA then multiplies float32 copies of the operands instead:
+    ~200 against ~900 GFLOP/s for SmolLM2's layer shapes on an AMX host. A gather that
+    permutes the elements is neither. (On a mesh of CPU
     devices the gather collects a sharded operand whole: correct, not fast.) Other
     platforms: plain x.T.
     """
