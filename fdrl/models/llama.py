@@ -77,9 +77,8 @@ def _transposed(x: Array) -> Array:
     behind an optimization_barrier or inside a lax.cond) ends up folded into the product or
     laid out column-major, and XLA then multiplies float32 copies of the operands instead:
     ~200 against ~900 GFLOP/s for SmolLM2's layer shapes on an AMX host. A gather that
-    permutes the elements is neither. (On a mesh of CPU
-    devices the gather collects a sharded operand whole: correct, not fast.) Other
-    platforms: plain x.T.
+    permutes the elements is neither. (On a mesh of CPU devices the gather collects a
+    sharded operand whole: correct, not fast.) Other platforms: plain x.T.
     """
     if x.dtype == jnp.float32:
         return x.T
