@@ -58,13 +58,21 @@ def _logits(hidden: Array, out_w: Array) -> Array:
     return _einsum_f32("...d,dv->...v", hidden, out_w)
 
 
+def _dot_f32(x: Array, w: Array) -> Array:
+    """x [..., K] @ w [K, N] with float32 results (a low-precision product should get row-major
+    operands: `_transposed`, `_output_operands`)."""
+    if x.dtype == jnp.float32 and w.dtype == jnp.float32:
+        return x @ w
+    return jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+
 def _rounded_matmul(x: Array, w: Array) -> Array:
     """x @ w in x's dtype, a low-precision product made with float32 results and rounded
     once; no backward of its own (`_matmul` is the differentiable face; `_swiglu` writes its
     own). Unlike `_einsum_f32` it keeps preferred_element_type on CPU: these plain 2-D
     products go to XLA's library kernels, which take BF16 x BF16 -> F32 (bfloat16 trainer
     steps on one device and on a 2 x 2 x 2 mesh in tests/test_sharding.py)."""
-    return x @ w if x.dtype == jnp.float32 else jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    return _dot_f32(x, w).astype(x.dtype)
 
 
 def _transposed(x: Array) -> Array:
@@ -107,7 +115,7 @@ def _low_matmul(x: Array, w: Array) -> Array:
 
 
 def _low_matmul_fwd(x, w):
-    return _low_matmul(x, w), (x, w)
+    return _rounded_matmul(x, w), (x, w)
 
 
 def _low_matmul_bwd(residuals, g):
@@ -532,7 +540,7 @@ def _projected_token_logp_bwd(residuals, g):
     from it at once (`_output_projection_grads`)."""
     hidden, out_w, targets, logits, log_norm = residuals
     d_logits = _logits_cotangent(logits, log_norm, targets, g).astype(out_w.dtype)
-    d_hidden, d_out_w = _output_projection_grads(hidden, d_logits, _output_operands(out_w)[1])
+    d_hidden, d_out_w = _output_projection_grads(hidden, d_logits, _transposed(out_w))
     return d_hidden, d_out_w.astype(out_w.dtype), None
 
 
@@ -543,20 +551,10 @@ def _logits_cotangent(logits: Array, log_norm: Array, targets: Array, g: Array) 
 
 
 def _output_operands(out_w: Array) -> tuple:
-    """out_w [D, V] and its transpose [V, D] as the output projection's products take them:
-    float32 as they are; low precision row-major (`_transposed`: on CPU a bfloat16 product
-    with a transposed operand runs as a float32 one). Make them once per call."""
-    if out_w.dtype == jnp.float32:
-        return out_w, out_w.T
+    """out_w [D, V] and its transpose [V, D] as the output projection's products take them
+    (`_transposed`: float32 as they are, low precision on CPU row-major copies). Make them
+    once per call."""
     return _transposed(out_w.T), _transposed(out_w)
-
-
-def _dot_f32(x: Array, w: Array) -> Array:
-    """x [..., K] @ w [K, N] with float32 results (for low precision pass w row-major,
-    `_output_operands`)."""
-    if x.dtype == jnp.float32 and w.dtype == jnp.float32:
-        return x @ w
-    return jnp.dot(x, w, preferred_element_type=jnp.float32)
 
 
 def _output_projection_grads(hidden: Array, d_logits: Array, w_vd: Array):
