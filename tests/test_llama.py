@@ -252,13 +252,15 @@ def test_bfloat16_backward_products_stay_bfloat16_on_cpu(fn, shapes, products):
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA's CPU compiler is the one that upcasts")
-def test_bfloat16_output_projection_products_stay_bfloat16_on_cpu():
+@pytest.mark.parametrize("scale", [1.0, 100.0])
+def test_bfloat16_output_projection_products_stay_bfloat16_on_cpu(scale):
     """The policy update's output projection (llama._token_logp_grads: logits, and both
     gradients) multiplies row-major bfloat16 operands for a bfloat16 model on CPU (a
     transposed operand ran 7% slower in SmolLM2's policy update), and its gradients
-    equal those of the float32 computation on the same bfloat16 values to round-off."""
+    equal those of the float32 computation on the same bfloat16 values to round-off; at
+    logits in the thousands (scale 100) they stay finite."""
     kh, kw, kt, kg = jax.random.split(jax.random.PRNGKey(0), 4)
-    hidden = jax.random.normal(kh, (4, 32, 64)).astype(jnp.bfloat16)
+    hidden = (scale * jax.random.normal(kh, (4, 32, 64))).astype(jnp.bfloat16)
     embed = jax.random.normal(kw, (512, 64)).astype(jnp.bfloat16)  # tied, as SmolLM2's: out_w = embed.T
     out_w = embed.T
     targets = jax.random.randint(kt, (4, 32), 0, 512)
