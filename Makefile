@@ -1,7 +1,7 @@
 # Two commands on a fresh machine (Python 3.11 and the package registries):
-#   make demo   install, then a short f-DPG (js) run of SmolLM2-135M on CPU (~6–10 min)
+#   make demo   install, then a short f-DPG (js) run of SmolLM2-135M on CPU (~5–10 min)
 #   make test   install with test extras, then run the default test suite
-# Also: make compare (the exact toy RLHF-vs-GDC comparison, ~3 min), make test-slow, make bench.
+# Also: make compare (the exact toy RLHF-vs-GDC comparison, ~5 min), make test-slow, make bench.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
