@@ -78,6 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.temperature = 1.0
     c.top_k = 0
     c.top_p = 1.0
+    # Decoding's lone products (q, o, down) in this many column blocks, so that XLA's CPU
+    # runtime runs them on two threads; 0 = automatic (sampling.auto_column_blocks).
+    c.decode_column_blocks = 0
     # Estimator.
     c.batch_size = 16
     c.proposal = "policy"  # "policy" or "offpolicy" (DPG's q ← π when π is closer to p)

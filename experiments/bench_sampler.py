@@ -27,13 +27,16 @@ _BATCHES = flags.DEFINE_list("batches", ["1", "16", "64"], "Batch sizes.")
 _NEW = flags.DEFINE_integer("new_tokens", 32, "New tokens per sequence.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (median).")
 _OUT = flags.DEFINE_string("out", "experiments/results", "Output folder.")
+_BLOCKS = flags.DEFINE_integer("column_blocks", 0, "Sampler(column_blocks=); 0 = automatic.")
+_SKIP_HF = flags.DEFINE_bool("skip_reference", False, "Time fdrl only (no HF reference, no report).")
 PROMPT = "Tell me about your day."
 
 
 def bench_ours(batch: int, new_tokens: int, repeats: int):
     model, tok = gguf_loader.load_gguf()
     graphdef, params = nnx.split(model)
-    sampler = Sampler(graphdef, model.config, max_new_tokens=new_tokens, eos_id=-1, pad_id=tok.pad_id)
+    sampler = Sampler(graphdef, model.config, max_new_tokens=new_tokens, eos_id=-1, pad_id=tok.pad_id,
+                      column_blocks=_BLOCKS.value or None)
     prompt, valid = sampler.pad([tok.encode(chat_prompt(PROMPT, system=None))] * batch)
     times = []
     for i in range(repeats + 1):
@@ -73,6 +76,9 @@ def main(argv):
     rows, raw = [], {}
     for batch in map(int, _BATCHES.value):
         ours = bench_ours(batch, _NEW.value, _REPEATS.value)
+        if _SKIP_HF.value:
+            print(f"batch {batch}: fdrl {ours:.1f} tokens/s", flush=True)
+            continue
         try:
             ref = bench_hf(batch, _NEW.value, _REPEATS.value)
         except ImportError as e:
@@ -80,13 +86,16 @@ def main(argv):
         raw[batch] = dict(fdrl_tokens_per_s=ours, hf_tokens_per_s=ref)
         rows.append([str(batch), f"{ours:.1f}", f"{ref:.1f}", f"{ours / ref:.2f}×"])
         print(rows[-1], flush=True)
+    if _SKIP_HF.value:
+        return
     import torch
     import transformers
     report = "\n".join([
         f"# Sampler throughput: SmolLM2-135M-Instruct (GGUF, dequantised to float32), {_NEW.value} new tokens",
         "", "Command: `python experiments/bench_sampler.py`", "",
         f"Same machine, same run: {os.cpu_count()} CPU cores; jax {jax.__version__}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}. Temperature 1, EOS disabled, median of {_REPEATS.value} after a warm-up.",
+        f"transformers {transformers.__version__}. Temperature 1, EOS disabled, median of {_REPEATS.value} after a warm-up; "
+        f"column_blocks {_BLOCKS.value or 'automatic (sampling.auto_column_blocks)'}.",
         "", common.markdown_table(["batch", "fdrl tokens/s", "HF generate tokens/s", "ratio"], rows)])
     common.write_results(_OUT.value, "bench_sampler", report, raw)
 

@@ -140,6 +140,21 @@ def _inverse_cdf(logits: Array, key: Array):
     return token.astype(jnp.int32), chosen - top[:, 0] - jnp.log(total)
 
 
+def auto_column_blocks(batch: int) -> int:
+    """Column blocks of the layers' lone products (q, o, down) for a sampler of `batch` rows:
+    2 on CPU from 2 to 32 rows, else 1.
+
+    XLA's CPU runtime runs each of these small products on one thread and independent ones
+    side by side: q next to the narrower k and v, o and down alone, so one core idles. In
+    two halves both work. SmolLM2, 32 new tokens, float32, 2 cores (an Intel Xeon with AMX;
+    medians of 5 calls, two alternating runs each): tokens/s 77–81 → 85–87 at batch 4,
+    127–130 → 135–138 at 8, 207–208 → 229 at 16, 290–293 → 310–318 at 32. No gain at 48
+    (339–350 → 344–356) or 64 (422 → 419, one run), and a loss at batch 1 (29–32 → 27–29),
+    where XLA makes the products matrix-vector ones of its own, not YNNPACK's.
+    """
+    return 2 if 2 <= batch <= 32 and jax.default_backend() == "cpu" else 1
+
+
 class Sampler:
     """Samples completions from a model given as (graphdef, params).
 
@@ -150,20 +165,26 @@ class Sampler:
 
     def __init__(self, graphdef, model_config, *, max_new_tokens: int, eos_id: int, pad_id: int,
                  top_k: int = 0, buckets: Sequence[int] = DEFAULT_BUCKETS, out_sharding=None,
-                 keep_states: bool = False, states_sharding=None):
+                 keep_states: bool = False, states_sharding=None, column_blocks: Optional[int] = None):
         """out_sharding: optional sharding of the [B, N] outputs (fdrl.sharding.batch_sharding):
         on a mesh the batch stays split over the data axes from the prompt to the update.
         keep_states: also return the layers' inputs (SampleOutput.states, sharded by
         `states_sharding`), so that an update can differentiate the policy's log-probs
-        without a forward pass (llama.continuation_logp_from_states)."""
+        without a forward pass (llama.continuation_logp_from_states).
+        column_blocks: the layers' lone products in that many column blocks
+        (`Llama.unstack_layers`); None = `auto_column_blocks` of the batch. The samples are
+        the same up to float rounding."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if column_blocks is not None and column_blocks < 1:
+            raise ValueError(f"column_blocks must be >= 1 or None (automatic), got {column_blocks}")
         if top_k < 0 or top_k > model_config.vocab_size:
             raise ValueError(f"top_k must be in [0, vocab_size={model_config.vocab_size}], got {top_k}")
         self.graphdef, self.model_config = graphdef, model_config
         self.max_new_tokens, self.eos_id, self.pad_id, self.top_k = max_new_tokens, eos_id, pad_id, top_k
         self.buckets = tuple(sorted(buckets))
         self.keep_states = keep_states
+        self.column_blocks = column_blocks
         self.trace_count = 0  # how many times the jitted function was traced (tests)
         self._jitted = jax.jit(self._sample, out_shardings=None if out_sharding is None else
                                SampleOutput(out_sharding, out_sharding, out_sharding,
@@ -200,7 +221,8 @@ class Sampler:
         steps = self.max_new_tokens
         cache = KVCache.init(self.model_config, batch, prompt_len + steps)
         # Each layer's weights sliced out once per generation, not once per token (see `layers`).
-        layers = nnx.merge(self.graphdef, params).unstack_layers()
+        blocks = auto_column_blocks(batch) if self.column_blocks is None else self.column_blocks
+        layers = nnx.merge(self.graphdef, params).unstack_layers(blocks)
         out = forward(self.graphdef, params, prompt, prompt_valid, cache, 0, last_only=True, layers=layers,
                       with_states=self.keep_states)
         states = None

@@ -140,7 +140,7 @@ def build_task(config, mesh=None, rules=None) -> Task:
 
 def make_sampler(config, graphdef, model_config, tok, mesh=None, rules=None) -> Sampler:
     return Sampler(graphdef, model_config, max_new_tokens=config.max_new_tokens, eos_id=tok.eos_id,
-                   pad_id=tok.pad_id, top_k=config.top_k,
+                   pad_id=tok.pad_id, top_k=config.top_k, column_blocks=config.get("decode_column_blocks") or None,
                    out_sharding=None if mesh is None else sharding.batch_sharding(mesh, rules, 2),
                    keep_states=reuses_sampler_states(config),
                    states_sharding=None if mesh is None else sharding.batch_sharding(mesh, rules, 4))

@@ -135,6 +135,31 @@ def test_bad_arguments(model):
         sampler(params, prompt, valid, jax.random.PRNGKey(0), temperature=-1.0)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         make_sampler(model, max_new_tokens=0)
+    with pytest.raises(ValueError, match="column_blocks must be >= 1 or None .automatic., got 0"):
+        make_sampler(model, column_blocks=0)
+    with pytest.raises(ValueError, match=r"column_blocks must be in \[1, 32\].*got 33"):
+        make_sampler(model, column_blocks=33)(params, prompt, valid, jax.random.PRNGKey(0))
+
+
+@pytest.mark.parametrize("blocks", [2, 3])  # 3: uneven blocks of the tiny model's 32 columns
+def test_column_blocks_draw_the_same_samples(model, blocks):
+    config, _, params = model
+    prompt, valid = make_sampler(model).pad([[5, 6, 7], [8, 9, 10, 11, 12], [4]])
+    whole = make_sampler(model, column_blocks=1, keep_states=True)(params, prompt, valid, jax.random.PRNGKey(3))
+    cut = make_sampler(model, column_blocks=blocks, keep_states=True)(params, prompt, valid, jax.random.PRNGKey(3))
+    np.testing.assert_array_equal(cut.tokens, whole.tokens)
+    np.testing.assert_array_equal(cut.mask, whole.mask)
+    np.testing.assert_allclose(cut.logp, whole.logp, atol=1e-5)
+    np.testing.assert_allclose(cut.states, whole.states, atol=1e-5)
+    layers = llama.Llama(config, rngs=nnx.Rngs(0)).unstack_layers(blocks)
+    widths = [len(c) for c in np.array_split(np.arange(32), blocks)]
+    for index in (1, 4, 8):  # wq [D, H·hd], wo [H·hd, D] and w_down [F, D], each in column blocks
+        assert [w.shape[1] for w in layers[0][index]] == widths
+
+
+def test_auto_column_blocks_on_cpu():
+    assert jax.default_backend() == "cpu"
+    assert [sampling.auto_column_blocks(b) for b in (1, 2, 16, 32, 33, 64)] == [1, 2, 2, 2, 1, 1]
 
 
 def test_kept_states_are_teacher_forcings_layer_inputs(model):

@@ -355,11 +355,27 @@ class Llama(nnx.Module):
         return (self.attn_norm[...], self.wq[...], self.wk[...], self.wv[...], self.wo[...],
                 self.mlp_norm[...], self.w_gate[...], self.w_up[...], self.w_down[...])
 
-    def unstack_layers(self) -> list:
+    def unstack_layers(self, column_blocks: int = 1) -> list:
         """Per-layer parameter tuples sliced out of the stacked [L, ...] arrays (a copy of the
         layer weights, dequantised if they are quant.Quantized): pass them as `layers=` to
-        every cached call of one generation."""
-        return [tuple(p[i].astype(p.dtype) for p in self._stacked_layers()) for i in range(self.config.num_layers)]
+        every cached call of one generation.
+
+        column_blocks > 1 cuts the weights of the products that run alone in a layer (q
+        beside the narrower k and v, o, down) into that many column blocks, a tuple each.
+        Their products are independent, so XLA's CPU runtime, which runs a small product on
+        one thread and independent ones side by side, keeps both cores busy (`Sampler`)."""
+        c = self.config
+        narrowest = min(c.num_heads * c.head_dim, c.hidden_dim)  # wq's, wo's and w_down's columns
+        if not 1 <= column_blocks <= narrowest:
+            raise ValueError(f"column_blocks must be in [1, {narrowest}] (the blocked weights' columns), "
+                             f"got {column_blocks}")
+        layers = []
+        for i in range(c.num_layers):
+            params = [p[i].astype(p.dtype) for p in self._stacked_layers()]
+            for j in _BLOCKED_WEIGHTS if column_blocks > 1 else ():
+                params[j] = tuple(jnp.array_split(params[j], column_blocks, axis=-1))
+            layers.append(tuple(params))
+        return layers
 
     def output_weights(self) -> Array:
         """The output projection [D, V] in the compute dtype (the embedding's transpose when tied)."""
@@ -381,21 +397,37 @@ def _rotary_and_mask(c: LlamaConfig, key_valid: Array, index, length: int):
     return cos, sin, mask
 
 
+# Indices in Llama._stacked_layers of wq, wo and w_down: the weights that
+# `unstack_layers(column_blocks)` cuts into column blocks.
+_BLOCKED_WEIGHTS = (1, 4, 8)
+
+
 def _layer(c: LlamaConfig, x: Array, params: tuple, attend, *, cos: Array, sin: Array):
-    """One decoder layer on x [B, T, D]; `attend(q, k, v)` → (attention output, extra)."""
+    """One decoder layer on x [B, T, D]; `attend(q, k, v)` → (attention output, extra).
+    wq, wo and w_down may be tuples of column blocks (`Llama.unstack_layers`)."""
     cdt = jnp.dtype(c.compute_dtype)
     batch, length = x.shape[:2]
-    attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down = (p.astype(cdt) for p in params)
+    attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down = (
+        tuple(b.astype(cdt) for b in p) if isinstance(p, tuple) else p.astype(cdt) for p in params)
     h = _rms_norm(x, attn_norm, c.norm_eps)
-    q = _matmul(h, wq).reshape(batch, length, c.num_heads, c.head_dim)
+    q = _blocks_matmul(h, wq).reshape(batch, length, c.num_heads, c.head_dim)
     k = _matmul(h, wk).reshape(batch, length, c.num_kv_heads, c.head_dim)
     v = _matmul(h, wv).reshape(batch, length, c.num_kv_heads, c.head_dim)
     q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
     attn, extra = attend(q, k, v)
-    x = x + _matmul(attn.reshape(batch, length, -1), wo)
+    x = x + _blocks_matmul(attn.reshape(batch, length, -1), wo)
     h = _rms_norm(x, mlp_norm, c.norm_eps)
-    x = x + _swiglu(h, w_gate, w_up, w_down)
+    # Column blocks come from unstack_layers, for cached calls, which are never differentiated.
+    x = x + (_swiglu_fwd(h, w_gate, w_up, w_down)[0] if isinstance(w_down, tuple) else _swiglu(h, w_gate, w_up, w_down))
     return x, extra
+
+
+def _blocks_matmul(x: Array, w, matmul=_matmul) -> Array:
+    """x [..., D] @ w [D, F], w an array or a tuple of its column blocks (their products,
+    concatenated)."""
+    if isinstance(w, tuple):
+        return jnp.concatenate([matmul(x, block) for block in w], axis=-1)
+    return matmul(x, w)
 
 
 @jax.custom_vjp
@@ -407,7 +439,7 @@ def _swiglu(h: Array, w_gate: Array, w_up: Array, w_down: Array) -> Array:
 
 def _swiglu_fwd(h, w_gate, w_up, w_down):
     gate, up = _rounded_matmul(h, w_gate), _rounded_matmul(h, w_up)
-    return _rounded_matmul(jax.nn.silu(gate) * up, w_down), (h, gate, up, w_gate, w_up, w_down)
+    return _blocks_matmul(jax.nn.silu(gate) * up, w_down, _rounded_matmul), (h, gate, up, w_gate, w_up, w_down)
 
 
 def _swiglu_bwd(residuals, g):
