@@ -519,19 +519,32 @@ class Trainer:
         if self.config.top_k:  # the sampler's log-probs are of the truncated distribution: re-score π
             policy_logp = self._ref_logp(state.params, prompt, valid, out.tokens, out.mask)
         else:
-            policy_logp = jnp.sum(out.logp, axis=1)
+            policy_logp = out.logp  # [B, N]: summed in _eval_estimates
         ref_logp = self._ref_logp(self.task.ref_params, prompt, valid, out.tokens, out.mask)
-        log_P = ref_logp + jnp.asarray(self.task.target.log_potential(texts))
-        # The eval samples join (a copy of) the running estimate: Ẑ is unbiased at
-        # every step, step 0 included, and training's state is left as it was.
-        context = ctx if self.config.conditional else None
-        log_Z = estimators.log_z_value(estimators.log_z_update(state.log_z, log_P, policy_logp, context), context)
-        result = {k: float(v) for k, v in metrics.divergence_estimates(policy_logp, log_P, log_Z, ref_logp).items()}
+        log_potential = self.shard_batch(np.asarray(self.task.target.log_potential(texts), np.float32))
+        result = {k: float(v) for k, v in _eval_estimates(state.log_z, policy_logp, ref_logp, log_potential,
+                                                          ctx if self.config.conditional else None).items()}
+        log_Z = result.pop("log_Z")
         result["alignment"] = float(np.mean(self.task.target.score(texts)))
-        result["log_Z"] = float(jnp.mean(log_Z))
+        result["log_Z"] = log_Z
         result.update(metrics.diversity(texts))
         prompts = [self.task.prompts[int(i)] for i in sharding.to_host(ctx)]
         return result, prompts, texts
+
+
+@jax.jit
+def _eval_estimates(log_z_state, policy_logp: Array, ref_logp: Array, log_potential: Array, context) -> dict:
+    """Trainer.evaluate's estimates as one program: policy_logp [B] or per token [B, N],
+    ref_logp and log_potential [B], context [B] or None. Op by op, a multi-process run
+    queued a dozen multi-device programs unawaited, and two processes deadlocked in
+    XLA's CPU collectives (tests/test_multihost.py)."""
+    if policy_logp.ndim == 2:
+        policy_logp = jnp.sum(policy_logp, axis=1)
+    log_P = ref_logp + log_potential
+    # The eval samples join (a copy of) the running estimate: Ẑ is unbiased at
+    # every step, step 0 included, and training's state is left as it was.
+    log_Z = estimators.log_z_value(estimators.log_z_update(log_z_state, log_P, policy_logp, context), context)
+    return dict(metrics.divergence_estimates(policy_logp, log_P, log_Z, ref_logp), log_Z=jnp.mean(log_Z))
 
 
 # --- the loop ---------------------------------------------------------------------
