@@ -492,7 +492,11 @@ class Trainer:
     def score(self, out) -> Array:
         """Log-potentials [B] of sampled completions: decoded and scored on the host, then split
         over the mesh like the rest of the batch."""
-        return self.shard_batch(np.asarray(self.task.target.log_potential(self.decode(out)), np.float32))
+        return self.score_texts(self.decode(out))
+
+    def score_texts(self, texts: list[str]) -> Array:
+        """Log-potentials [B] of decoded completions, split over the mesh."""
+        return self.shard_batch(np.asarray(self.task.target.log_potential(texts), np.float32))
 
     def step(self, state: LMTrainState):
         """Samples, scores on the host, then the jitted update (which advances state.key)."""
@@ -521,8 +525,7 @@ class Trainer:
         else:
             policy_logp = out.logp  # [B, N]: summed in _eval_estimates
         ref_logp = self._ref_logp(self.task.ref_params, prompt, valid, out.tokens, out.mask)
-        log_potential = self.shard_batch(np.asarray(self.task.target.log_potential(texts), np.float32))
-        result = {k: float(v) for k, v in _eval_estimates(state.log_z, policy_logp, ref_logp, log_potential,
+        result = {k: float(v) for k, v in _eval_estimates(state.log_z, policy_logp, ref_logp, self.score_texts(texts),
                                                           ctx if self.config.conditional else None).items()}
         log_Z = result.pop("log_Z")
         result["alignment"] = float(np.mean(self.task.target.score(texts)))
