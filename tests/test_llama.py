@@ -64,6 +64,22 @@ def test_cached_decoding_equals_full_forward(tiny):
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-4)
 
 
+def test_rotary_tables_equal_the_formula_and_leave_no_trigonometry_in_the_graph(tiny):
+    config, graphdef, params = tiny
+    positions = jnp.asarray([[-1, 0, 1, 7], [3, 5, 100, 6]])  # -1 and 100: padding, clamped into the table
+    cos, sin = llama._rotary(positions, 8, 10_000.0, num_positions=8)
+    inv_freq = 1.0 / 10_000.0 ** (np.arange(0, 8, 2) / 8)
+    angles = np.clip(np.asarray(positions), 0, 7)[..., None] * inv_freq
+    np.testing.assert_allclose(cos, np.cos(angles), atol=1e-6)
+    np.testing.assert_allclose(sin, np.sin(angles), atol=1e-6)
+    # XLA on CPU would evaluate a cos/sin in every layer's fusions of a decode step: the
+    # compiled cached step reads tables instead.
+    cache = llama.KVCache.init(config, 2, 8)
+    step = jax.jit(lambda p, t, v, c: llama.forward(graphdef, p, t, v, c, 3).logits)
+    text = step.lower(params, jnp.ones((2, 1), jnp.int32), jnp.ones((2, 1), bool), cache).compile().as_text()
+    assert not re.search(r"\b(cosine|sine)\(", text)
+
+
 def test_bfloat16_cached_decoding_keeps_bfloat16_values_and_equals_full_forward():
     """With bfloat16 compute the cache holds bfloat16 values, stored as float32 on CPU
     (llama.cache_dtype: XLA on CPU would convert a bfloat16 cache whole at every slot
