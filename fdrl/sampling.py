@@ -189,40 +189,70 @@ class Sampler:
         self._jitted = jax.jit(self._sample, out_shardings=None if out_sharding is None else
                                SampleOutput(out_sharding, out_sharding, out_sharding,
                                             states_sharding if keep_states else None))
+        self._decode_layers = jax.jit(lambda params, blocks, transposed: nnx.merge(graphdef, params).unstack_layers(
+            blocks, transposed), static_argnums=(1, 2))
 
     def pad(self, prompts: Sequence[Sequence[int]]):
         return pad_prompts(prompts, self.pad_id, self.buckets)
 
+    def decode_layers(self, params, batch_size: int, transposed: Optional[bool] = None) -> list:
+        """The per-layer weights for calls of `batch_size` rows with these params, made once:
+        pass them to `__call__(..., layers=)` (`Llama.unstack_layers` with this sampler's
+        column blocks).
+
+        A call without them slices each layer's weights out of the stacked [L, ...] arrays
+        (and dequantises a quantised model) at its start, which repeats work when the
+        params stay the same over many calls (evaluation, a benchmark). Kept weights can
+        also take a layout that is faster to decode with but too slow to make per call:
+        transposed (TransposedWeight), by default on CPU in float32. The samples are the
+        same up to float rounding. The cost is a copy of the layer weights while they are
+        kept (0.43 GB for SmolLM2 in float32)."""
+        blocks = auto_column_blocks(batch_size) if self.column_blocks is None else self.column_blocks
+        if transposed is None:
+            transposed = jax.default_backend() == "cpu" and jnp.dtype(self.model_config.compute_dtype) == jnp.float32
+        return self._decode_layers(params, blocks, bool(transposed))
+
     def __call__(self, params, prompt: Array, prompt_valid: Array, key: Array, temperature: float = 1.0,
-                 top_p: float = 1.0) -> SampleOutput:
+                 top_p: float = 1.0, layers: Optional[list] = None) -> SampleOutput:
+        """layers: `decode_layers(params, ...)` of these same params, or None (made in the call)."""
+        self._check_layers(layers)
         if prompt.shape != prompt_valid.shape or prompt.ndim != 2:
             raise ValueError(f"prompt {prompt.shape} and prompt_valid {prompt_valid.shape} must both be [B, P]")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        return self._jitted(*self._args(params, prompt, prompt_valid, key, temperature, top_p))
+        return self._jitted(*self._args(params, prompt, prompt_valid, key, temperature, top_p), layers)
 
     def lower(self, params, prompt: Array, prompt_valid: Array, key: Array, temperature: float = 1.0,
-              top_p: float = 1.0):
+              top_p: float = 1.0, layers: Optional[list] = None):
         """The jitted sampler lowered for these arguments, as `__call__` passes them; params
         may be abstract (ShapeDtypeStructs). `.compile()` it ahead of time: a later call with
         arrays of the same shapes and shardings reuses the executable."""
-        return self._jitted.lower(*self._args(params, prompt, prompt_valid, key, temperature, top_p))
+        self._check_layers(layers)
+        return self._jitted.lower(*self._args(params, prompt, prompt_valid, key, temperature, top_p), layers)
+
+    def _check_layers(self, layers):
+        if layers is not None and (not isinstance(layers, (list, tuple))
+                                   or len(layers) != self.model_config.num_layers):
+            raise ValueError(f"layers must be decode_layers(params, batch_size): a list of "
+                             f"{self.model_config.num_layers} per-layer tuples, got {type(layers).__name__}"
+                             + (f" of {len(layers)}" if isinstance(layers, (list, tuple)) else ""))
 
     @staticmethod
     def _args(params, prompt, prompt_valid, key, temperature, top_p):
         return (params, jnp.asarray(prompt, jnp.int32), jnp.asarray(prompt_valid, bool), key,
                 jnp.float32(temperature), jnp.float32(top_p))
 
-    def _sample(self, params, prompt, prompt_valid, key, temperature, top_p) -> SampleOutput:
+    def _sample(self, params, prompt, prompt_valid, key, temperature, top_p, layers=None) -> SampleOutput:
         self.trace_count += 1
         batch, prompt_len = prompt.shape
         steps = self.max_new_tokens
         cache = KVCache.init(self.model_config, batch, prompt_len + steps)
         # Each layer's weights sliced out once per generation, not once per token (see `layers`).
-        blocks = auto_column_blocks(batch) if self.column_blocks is None else self.column_blocks
-        layers = nnx.merge(self.graphdef, params).unstack_layers(blocks)
+        if layers is None:
+            blocks = auto_column_blocks(batch) if self.column_blocks is None else self.column_blocks
+            layers = nnx.merge(self.graphdef, params).unstack_layers(blocks)
         out = forward(self.graphdef, params, prompt, prompt_valid, cache, 0, last_only=True, layers=layers,
                       with_states=self.keep_states)
         states = None

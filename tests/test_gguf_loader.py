@@ -66,11 +66,13 @@ def test_smollm2_sampler_logp_equals_teacher_forced():
     sampler = Sampler(graphdef, model.config, max_new_tokens=16, eos_id=tok.eos_id, pad_id=tok.pad_id)
     prompt, valid = sampler.pad([tok.encode(chat_prompt(p, system=None)) for p in
                                  ["Tell me about your day.", "Describe the weather today in three words."]])
-    out = sampler(params, prompt, valid, jax.random.PRNGKey(0))
-    forced, _ = llama.continuation_logp(graphdef, params, jnp.asarray(prompt), jnp.asarray(valid), out.tokens, out.mask)
-    np.testing.assert_allclose(out.logp, forced, atol=1e-4)
-    texts = tok.decode_batch(out.tokens, out.mask)
-    assert all(len(t.split()) >= 2 for t in texts), texts  # real words, not byte soup
+    for layers in (None, sampler.decode_layers(params, 2)):  # made in the call; kept (transposed)
+        out = sampler(params, prompt, valid, jax.random.PRNGKey(0), layers=layers)
+        forced, _ = llama.continuation_logp(graphdef, params, jnp.asarray(prompt), jnp.asarray(valid), out.tokens,
+                                            out.mask)
+        np.testing.assert_allclose(out.logp, forced, atol=1e-4)
+        texts = tok.decode_batch(out.tokens, out.mask)
+        assert all(len(t.split()) >= 2 for t in texts), texts  # real words, not byte soup
 
 
 @pytest.mark.slow

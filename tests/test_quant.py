@@ -110,6 +110,13 @@ def test_model_with_quantized_weights_matches_its_float_copy():
     out_f = sampler(float_params, prompt, valid, jax.random.PRNGKey(0))
     np.testing.assert_array_equal(out_q.tokens, out_f.tokens)
     np.testing.assert_allclose(out_q.logp, out_f.logp, atol=1e-5)
+    # Kept decode layers of the quantised model: dequantised (and transposed) once.
+    layers = sampler.decode_layers(qparams, 2)
+    assert all(not isinstance(x, quant.Quantized) for x in jax.tree.leaves(layers, is_leaf=lambda x: isinstance(
+        x, quant.Quantized)))
+    out_kept = sampler(qparams, prompt, valid, jax.random.PRNGKey(0), layers=layers)
+    np.testing.assert_array_equal(out_kept.tokens, out_f.tokens)
+    np.testing.assert_allclose(out_kept.logp, out_f.logp, atol=1e-5)
 
 
 def test_trainer_with_a_quantized_reference(tmp_path):

@@ -29,11 +29,13 @@ def test_pad_prompts_left_pads_to_bucket():
         sampling.pad_prompts([list(range(9))], 0, (4, 8))
 
 
-def test_sampler_logp_equals_teacher_forced_logp(model):
+@pytest.mark.parametrize("kept", [False, True])  # decode layers made in the call, or kept (transposed)
+def test_sampler_logp_equals_teacher_forced_logp(model, kept):
     _, graphdef, params = model
     sampler = make_sampler(model)
     prompt, valid = sampler.pad([[5, 6, 7], [8, 9, 10, 11, 12]])
-    out = sampler(params, prompt, valid, jax.random.PRNGKey(0))
+    layers = sampler.decode_layers(params, 2) if kept else None
+    out = sampler(params, prompt, valid, jax.random.PRNGKey(0), layers=layers)
     forced, _ = llama.continuation_logp(graphdef, params, jnp.asarray(prompt), jnp.asarray(valid), out.tokens, out.mask)
     np.testing.assert_allclose(out.logp, forced, atol=1e-4)
 
@@ -155,6 +157,32 @@ def test_column_blocks_draw_the_same_samples(model, blocks):
     widths = [len(c) for c in np.array_split(np.arange(32), blocks)]
     for index in (1, 4, 8):  # wq [D, H·hd], wo [H·hd, D] and w_down [F, D], each in column blocks
         assert [w.shape[1] for w in layers[0][index]] == widths
+
+
+@pytest.mark.parametrize("batch,transposed", [(1, None), (3, None), (3, False), (3, True)])
+def test_kept_decode_layers_draw_the_same_samples_without_retracing(model, batch, transposed):
+    config, _, params = model
+    sampler = make_sampler(model, keep_states=True)
+    prompt, valid = sampler.pad([[5, 6, 7], [8, 9, 10, 11, 12], [4]][:batch])
+    per_call = sampler(params, prompt, valid, jax.random.PRNGKey(3))
+    layers = sampler.decode_layers(params, batch, transposed)
+    # On CPU in float32 the kept weights are transposed unless asked otherwise.
+    assert isinstance(layers[0][2], llama.TransposedWeight) == (transposed is not False)
+    if transposed is not False:
+        assert layers[0][2].w_t.shape == (config.num_kv_heads * config.head_dim, config.hidden_dim)  # wk as [out, in]
+        blocks = layers[0][8] if batch > 1 else (layers[0][8],)  # w_down [F, D]: column blocks from batch 2 on
+        assert [b.w_t.shape for b in blocks] == [(config.hidden_dim // len(blocks), config.ffn_dim)] * len(blocks)
+    traces = sampler.trace_count
+    for key in (3, 4):
+        kept = sampler(params, prompt, valid, jax.random.PRNGKey(key), layers=layers)
+    assert sampler.trace_count == traces + 1  # one trace for calls with kept layers, then reused
+    kept = sampler(params, prompt, valid, jax.random.PRNGKey(3), layers=layers)
+    np.testing.assert_array_equal(kept.tokens, per_call.tokens)
+    np.testing.assert_array_equal(kept.mask, per_call.mask)
+    np.testing.assert_allclose(kept.logp, per_call.logp, atol=1e-5)
+    np.testing.assert_allclose(kept.states, per_call.states, atol=1e-5)
+    with pytest.raises(ValueError, match=f"a list of {config.num_layers} per-layer tuples, got list of 1"):
+        sampler(params, prompt, valid, jax.random.PRNGKey(3), layers=layers[:1])
 
 
 def test_auto_column_blocks_on_cpu():

@@ -59,9 +59,33 @@ def _logits(hidden: Array, out_w: Array) -> Array:
     return _einsum_f32("...d,dv->...v", hidden, out_w)
 
 
-def _dot_f32(x: Array, w: Array) -> Array:
-    """x [..., K] @ w [K, N] with float32 results (a low-precision product should get row-major
-    operands: `_transposed`, `_output_operands`)."""
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["w_t"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class TransposedWeight:
+    """A layer weight w [D, F] kept as its transpose w_t [F, D], row-major
+    (`Llama.unstack_layers(transposed=True)`). Its products contract the minor axes of x
+    and w_t. For decoding's few rows, XLA's CPU library kernels run that faster than
+    x @ w: SmolLM2's decode products, 30 chained layers at 16 rows on 2 cores of an Intel
+    Xeon, 37–38 against 40–41 ms per token (an ad-hoc probe). Making the copy costs more than
+    that within one generation, so only weights kept across calls use it
+    (`Sampler.decode_layers`)."""
+    w_t: Array
+
+    def astype(self, dtype) -> "TransposedWeight":
+        return TransposedWeight(self.w_t.astype(dtype))
+
+
+def _dot_nt(x: Array, w_t: Array, preferred_element_type=None) -> Array:
+    """x [..., K] · w_t [N, K]ᵀ → [..., N]."""
+    return jax.lax.dot_general(x, w_t, (((x.ndim - 1,), (1,)), ((), ())),
+                               preferred_element_type=preferred_element_type)
+
+
+def _dot_f32(x: Array, w) -> Array:
+    """x [..., K] @ w [K, N] (or a TransposedWeight) with float32 results (a low-precision
+    product should get row-major operands: `_transposed`, `_output_operands`)."""
+    if isinstance(w, TransposedWeight):
+        return _dot_nt(x, w.w_t, None if x.dtype == w.w_t.dtype == jnp.float32 else jnp.float32)
     if x.dtype == jnp.float32 and w.dtype == jnp.float32:
         return x @ w
     return jnp.dot(x, w, preferred_element_type=jnp.float32)
@@ -100,8 +124,11 @@ def _transposed(x: Array) -> Array:
     return jax.lax.platform_dependent(x, cpu=gathered, default=lambda x: x.T)
 
 
-def _matmul(x: Array, w: Array) -> Array:
-    """x [..., D] @ w [D, F] in x's dtype; low-precision operands through `_low_matmul`."""
+def _matmul(x: Array, w) -> Array:
+    """x [..., D] @ w [D, F] in x's dtype; low-precision operands through `_low_matmul`.
+    A TransposedWeight (cached decoding, never differentiated) through `_rounded_matmul`."""
+    if isinstance(w, TransposedWeight):
+        return _rounded_matmul(x, w)
     return x @ w if x.dtype == jnp.float32 else _low_matmul(x, w)
 
 
@@ -356,7 +383,7 @@ class Llama(nnx.Module):
         return (self.attn_norm[...], self.wq[...], self.wk[...], self.wv[...], self.wo[...],
                 self.mlp_norm[...], self.w_gate[...], self.w_up[...], self.w_down[...])
 
-    def unstack_layers(self, column_blocks: int = 1) -> list:
+    def unstack_layers(self, column_blocks: int = 1, transposed: bool = False) -> list:
         """Per-layer parameter tuples sliced out of the stacked [L, ...] arrays (a copy of the
         layer weights, dequantised if they are quant.Quantized): pass them as `layers=` to
         every cached call of one generation.
@@ -364,7 +391,10 @@ class Llama(nnx.Module):
         column_blocks > 1 cuts the weights of the products that run alone in a layer (q
         beside the narrower k and v, o, down) into that many column blocks, a tuple each.
         Their products are independent, so XLA's CPU runtime, which runs a small product on
-        one thread and independent ones side by side, keeps both cores busy (`Sampler`)."""
+        one thread and independent ones side by side, keeps both cores busy (`Sampler`).
+
+        transposed: every product weight (and block) as a TransposedWeight, a row-major copy
+        of its transpose: for weights kept across calls (`Sampler.decode_layers`)."""
         c = self.config
         narrowest = min(c.num_heads * c.head_dim, c.hidden_dim)  # wq's, wo's and w_down's columns
         if not 1 <= column_blocks <= narrowest:
@@ -375,6 +405,9 @@ class Llama(nnx.Module):
             params = [p[i].astype(p.dtype) for p in self._stacked_layers()]
             for j in _BLOCKED_WEIGHTS if column_blocks > 1 else ():
                 params[j] = tuple(jnp.array_split(params[j], column_blocks, axis=-1))
+            for j in _PRODUCT_WEIGHTS if transposed else ():
+                params[j] = (tuple(TransposedWeight(b.T) for b in params[j]) if isinstance(params[j], tuple)
+                             else TransposedWeight(params[j].T))
             layers.append(tuple(params))
         return layers
 
@@ -401,11 +434,14 @@ def _rotary_and_mask(c: LlamaConfig, key_valid: Array, index, length: int):
 # Indices in Llama._stacked_layers of wq, wo and w_down: the weights that
 # `unstack_layers(column_blocks)` cuts into column blocks.
 _BLOCKED_WEIGHTS = (1, 4, 8)
+# ... and of every weight that multiplies (wq, wk, wv, wo, w_gate, w_up, w_down).
+_PRODUCT_WEIGHTS = (1, 2, 3, 4, 6, 7, 8)
 
 
 def _layer(c: LlamaConfig, x: Array, params: tuple, attend, *, cos: Array, sin: Array):
     """One decoder layer on x [B, T, D]; `attend(q, k, v)` → (attention output, extra).
-    wq, wo and w_down may be tuples of column blocks (`Llama.unstack_layers`)."""
+    wq, wo and w_down may be tuples of column blocks, and the product weights
+    TransposedWeights (`Llama.unstack_layers`)."""
     cdt = jnp.dtype(c.compute_dtype)
     batch, length = x.shape[:2]
     attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down = (
@@ -418,14 +454,16 @@ def _layer(c: LlamaConfig, x: Array, params: tuple, attend, *, cos: Array, sin: 
     attn, extra = attend(q, k, v)
     x = x + _blocks_matmul(attn.reshape(batch, length, -1), wo)
     h = _rms_norm(x, mlp_norm, c.norm_eps)
-    # Column blocks come from unstack_layers, for cached calls, which are never differentiated.
-    x = x + (_swiglu_fwd(h, w_gate, w_up, w_down)[0] if isinstance(w_down, tuple) else _swiglu(h, w_gate, w_up, w_down))
+    # Blocks and transposed weights come from unstack_layers, for cached calls, which are
+    # never differentiated.
+    plain = all(isinstance(w, jax.Array) for w in (w_gate, w_up, w_down))
+    x = x + (_swiglu(h, w_gate, w_up, w_down) if plain else _swiglu_fwd(h, w_gate, w_up, w_down)[0])
     return x, extra
 
 
 def _blocks_matmul(x: Array, w, matmul=_matmul) -> Array:
-    """x [..., D] @ w [D, F], w an array or a tuple of its column blocks (their products,
-    concatenated)."""
+    """x [..., D] @ w [D, F], w an array (or TransposedWeight) or a tuple of its column
+    blocks (their products, concatenated)."""
     if isinstance(w, tuple):
         return jnp.concatenate([matmul(x, block) for block in w], axis=-1)
     return matmul(x, w)
