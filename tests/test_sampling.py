@@ -155,8 +155,11 @@ def test_column_blocks_draw_the_same_samples(model, blocks):
     np.testing.assert_allclose(cut.states, whole.states, atol=1e-5)
     layers = llama.Llama(config, rngs=nnx.Rngs(0)).unstack_layers(blocks)
     widths = [len(c) for c in np.array_split(np.arange(32), blocks)]
-    for index in (1, 4, 8):  # wq [D, H·hd], wo [H·hd, D] and w_down [F, D], each in column blocks
+    for index in (4, 8):  # wo [H·hd, D] and w_down [F, D], each in column blocks
         assert [w.shape[1] for w in layers[0][index]] == widths
+    # wq, wk and wv joined: [D, (H + 2·KV)·hd] in blocks of equal width, wk and wv None.
+    assert [w.shape[1] for w in layers[0][1]] == [len(c) for c in np.array_split(np.arange(64), blocks)]
+    assert layers[0][2] is None and layers[0][3] is None
 
 
 @pytest.mark.parametrize("batch,transposed", [(1, None), (3, None), (3, False), (3, True)])
@@ -167,9 +170,9 @@ def test_kept_decode_layers_draw_the_same_samples_without_retracing(model, batch
     per_call = sampler(params, prompt, valid, jax.random.PRNGKey(3))
     layers = sampler.decode_layers(params, batch, transposed)
     # On CPU in float32 the kept weights are transposed unless asked otherwise.
-    assert isinstance(layers[0][2], llama.TransposedWeight) == (transposed is not False)
+    assert isinstance(layers[0][6], llama.TransposedWeight) == (transposed is not False)
     if transposed is not False:
-        assert layers[0][2].w_t.shape == (config.num_kv_heads * config.head_dim, config.hidden_dim)  # wk as [out, in]
+        assert layers[0][6].w_t.shape == (config.ffn_dim, config.hidden_dim)  # w_gate as [out, in]
         blocks = layers[0][8] if batch > 1 else (layers[0][8],)  # w_down [F, D]: column blocks from batch 2 on
         assert [b.w_t.shape for b in blocks] == [(config.hidden_dim // len(blocks), config.ffn_dim)] * len(blocks)
     traces = sampler.trace_count

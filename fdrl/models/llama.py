@@ -388,26 +388,32 @@ class Llama(nnx.Module):
         layer weights, dequantised if they are quant.Quantized): pass them as `layers=` to
         every cached call of one generation.
 
-        column_blocks > 1 cuts the weights of the products that run alone in a layer (q
-        beside the narrower k and v, o, down) into that many column blocks, a tuple each.
-        Their products are independent, so XLA's CPU runtime, which runs a small product on
-        one thread and independent ones side by side, keeps both cores busy (`Sampler`).
+        column_blocks > 1 cuts the weights of the products that run alone in a layer (o,
+        down, and q, k and v joined into one [D, (H + 2·KV)·hd] weight, with wk and wv then
+        None) into that many column blocks, a tuple each. Their products are independent, so
+        XLA's CPU runtime, which runs a small product on one thread and independent ones
+        side by side, keeps both cores busy (`Sampler`). Joined, q, k and v make blocks of
+        equal width rather than q's blocks beside the narrower k and v.
 
         transposed: every product weight (and block) as a TransposedWeight, a row-major copy
         of its transpose: for weights kept across calls (`Sampler.decode_layers`)."""
         c = self.config
-        narrowest = min(c.num_heads * c.head_dim, c.hidden_dim)  # wq's, wo's and w_down's columns
+        narrowest = min(c.num_heads * c.head_dim, c.hidden_dim)  # wo's and w_down's columns
         if not 1 <= column_blocks <= narrowest:
             raise ValueError(f"column_blocks must be in [1, {narrowest}] (the blocked weights' columns), "
                              f"got {column_blocks}")
         layers = []
         for i in range(c.num_layers):
             params = [p[i].astype(p.dtype) for p in self._stacked_layers()]
-            for j in _BLOCKED_WEIGHTS if column_blocks > 1 else ():
-                params[j] = tuple(jnp.array_split(params[j], column_blocks, axis=-1))
+            if column_blocks > 1:
+                params[1:4] = jnp.concatenate(params[1:4], axis=-1), None, None  # wq | wk | wv
+                for j in _BLOCKED_WEIGHTS:
+                    params[j] = tuple(jnp.array_split(params[j], column_blocks, axis=-1))
             for j in _PRODUCT_WEIGHTS if transposed else ():
-                params[j] = (tuple(TransposedWeight(b.T) for b in params[j]) if isinstance(params[j], tuple)
-                             else TransposedWeight(params[j].T))
+                if isinstance(params[j], tuple):
+                    params[j] = tuple(TransposedWeight(b.T) for b in params[j])
+                elif params[j] is not None:
+                    params[j] = TransposedWeight(params[j].T)
             layers.append(tuple(params))
         return layers
 
@@ -431,8 +437,8 @@ def _rotary_and_mask(c: LlamaConfig, key_valid: Array, index, length: int):
     return cos, sin, mask
 
 
-# Indices in Llama._stacked_layers of wq, wo and w_down: the weights that
-# `unstack_layers(column_blocks)` cuts into column blocks.
+# Indices in Llama._stacked_layers of wq (with wk and wv joined to it), wo and w_down:
+# the weights that `unstack_layers(column_blocks)` cuts into column blocks.
 _BLOCKED_WEIGHTS = (1, 4, 8)
 # ... and of every weight that multiplies (wq, wk, wv, wo, w_gate, w_up, w_down).
 _PRODUCT_WEIGHTS = (1, 2, 3, 4, 6, 7, 8)
@@ -440,16 +446,21 @@ _PRODUCT_WEIGHTS = (1, 2, 3, 4, 6, 7, 8)
 
 def _layer(c: LlamaConfig, x: Array, params: tuple, attend, *, cos: Array, sin: Array):
     """One decoder layer on x [B, T, D]; `attend(q, k, v)` → (attention output, extra).
-    wq, wo and w_down may be tuples of column blocks, and the product weights
-    TransposedWeights (`Llama.unstack_layers`)."""
+    wq, wo and w_down may be tuples of column blocks (wq then holds wk and wv too, and
+    those are None), and the product weights TransposedWeights (`Llama.unstack_layers`)."""
     cdt = jnp.dtype(c.compute_dtype)
     batch, length = x.shape[:2]
     attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down = (
-        tuple(b.astype(cdt) for b in p) if isinstance(p, tuple) else p.astype(cdt) for p in params)
+        tuple(b.astype(cdt) for b in p) if isinstance(p, tuple) else p if p is None else p.astype(cdt) for p in params)
     h = _rms_norm(x, attn_norm, c.norm_eps)
-    q = _blocks_matmul(h, wq).reshape(batch, length, c.num_heads, c.head_dim)
-    k = _matmul(h, wk).reshape(batch, length, c.num_kv_heads, c.head_dim)
-    v = _matmul(h, wv).reshape(batch, length, c.num_kv_heads, c.head_dim)
+    q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    if wk is None:  # q, k and v from one product's column blocks
+        q, k, v = jnp.split(_blocks_matmul(h, wq), [q_width, q_width + kv_width], axis=-1)
+    else:
+        q, k, v = _blocks_matmul(h, wq), _matmul(h, wk), _matmul(h, wv)
+    q = q.reshape(batch, length, c.num_heads, c.head_dim)
+    k = k.reshape(batch, length, c.num_kv_heads, c.head_dim)
+    v = v.reshape(batch, length, c.num_kv_heads, c.head_dim)
     q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
     attn, extra = attend(q, k, v)
     x = x + _blocks_matmul(attn.reshape(batch, length, -1), wo)
