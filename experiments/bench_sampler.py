@@ -33,6 +33,7 @@ _NEW = flags.DEFINE_integer("new_tokens", 32, "New tokens per sequence.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (median).")
 _OUT = flags.DEFINE_string("out", "experiments/results", "Output folder.")
 _BLOCKS = flags.DEFINE_integer("column_blocks", 0, "Sampler(column_blocks=); 0 = automatic.")
+_TARGET = flags.DEFINE_float("target", 1.5, "The speed-up over HF that the report checks at batch 16 and 64.")
 _SKIP_HF = flags.DEFINE_bool("skip_reference", False, "Time fdrl only (no HF reference, no report).")
 PROMPT = "Tell me about your day."
 
@@ -104,6 +105,11 @@ def main(argv):
         return
     import torch
     import transformers
+    target_batches = [b for b in (16, 64) if b in raw]
+    verdicts = [f"Target ≥ {_TARGET.value}× HF's tokens/s at batch {' and '.join(map(str, target_batches))}, "
+                f"layers {mode}: " + common.speedup_verdict(
+                    {f"batch {b}": raw[b][key] / raw[b]["hf_tokens_per_s"] for b in target_batches}, _TARGET.value)
+                for mode, key in (("kept", "fdrl_tokens_per_s"), ("per call", "fdrl_per_call_tokens_per_s"))]
     report = "\n".join([
         f"# Sampler throughput: SmolLM2-135M-Instruct (GGUF, dequantised to float32), {_NEW.value} new tokens",
         "", "Command: `python experiments/bench_sampler.py`", "",
@@ -115,7 +121,8 @@ def main(argv):
         "model: repeated sampling with fixed weights), and made in every call (the trainer's sampling, whose "
         "weights change every step).",
         "", common.markdown_table(["batch", "fdrl tokens/s (layers kept)", "fdrl tokens/s (layers per call)",
-                                   "HF generate tokens/s", "ratio (kept)", "ratio (per call)"], rows)])
+                                   "HF generate tokens/s", "ratio (kept)", "ratio (per call)"], rows),
+        *(["", *(f"- {v}" for v in verdicts)] if target_batches else [])])
     common.write_results(_OUT.value, "bench_sampler", report, raw)
 
 

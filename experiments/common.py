@@ -30,6 +30,13 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def speedup_verdict(ratios: dict, target: float) -> str:
+    """"met" or "not met" for `ratios` {label: unrounded ratio}, each shown to three decimals:
+    a ratio of 1.4954 prints as 1.50× in a two-decimal table but misses a 1.5× target."""
+    shown = ", ".join(f"{label} {ratio:.3f}×" for label, ratio in ratios.items())
+    return f"{'met' if all(r >= target for r in ratios.values()) else 'not met'} ({shown})"
+
+
 def write_results(out_dir: str, name: str, report: str, data=None) -> None:
     """Prints a markdown report and writes it to <out_dir>/<name>.md (and `data` to <name>.json)."""
     print(report)

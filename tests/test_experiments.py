@@ -94,3 +94,11 @@ def test_step_benchmark_reports_every_part(dtype, tmp_path):
     assert "the highest of" in report and f"2048³ {dtype} matmul" in report
     assert result["float32_matmul_flops_per_s"] > 1e9
     assert ("A 2048³ float32 matmul ran at" in report) == (dtype == "bfloat16")
+
+
+def test_speedup_verdict_judges_unrounded_ratios():
+    import common
+    # 1.4954 shows as 1.50× in the two-decimal table; the verdict must still say "not met".
+    assert common.speedup_verdict({"batch 16": 1.4954, "batch 64": 1.58}, 1.5) == \
+        "not met (batch 16 1.495×, batch 64 1.580×)"
+    assert common.speedup_verdict({"batch 16": 1.5, "batch 64": 1.58}, 1.5).startswith("met (")
