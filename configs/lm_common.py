@@ -104,6 +104,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.ppo.kl_gain = 0.1
     # Optimisation.
     c.learning_rate = 1e-5
+    # Step size over training (fdrl.optim.learning_rate_schedule): "constant", "linear" or
+    # "cosine" decay to 0 at `steps`, after a linear warm-up over `warmup_steps` steps.
+    c.lr_schedule = "constant"
+    c.warmup_steps = 0
     c.grad_clip = 1.0
     c.adam = ml_collections.ConfigDict()
     c.adam.b1 = 0.9

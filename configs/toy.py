@@ -50,6 +50,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.proposal_every = 10
     # Optimisation.
     c.learning_rate = 0.05
+    c.lr_schedule = "constant"  # "constant", "linear" or "cosine" decay to 0 at `steps`
+    c.warmup_steps = 0  # linear warm-up (fdrl.optim.learning_rate_schedule)
     c.grad_clip = 0.0  # global-norm clip; 0 = off
     c.steps = 400
     c.eval_every = 20

@@ -75,21 +75,68 @@ def scale_by_adam_stored_mu(b1: float, b2: float, eps: float, mu_dtype) -> optax
     return optax.GradientTransformation(init, update)
 
 
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def learning_rate_schedule(learning_rate: float, schedule: str = "constant", warmup_steps: int = 0,
+                           total_steps: int = 0, updates_per_step: int = 1) -> optax.Schedule:
+    """The step size of the updates of training step k (k = 0 for the first; PPO makes
+    `updates_per_step` updates in each): learning_rate·(k+1)/warmup_steps for k <
+    warmup_steps (so the first step already moves, unlike a warm-up from 0), then constant,
+    or decayed towards 0 at k = total_steps linearly or along a half cosine.
+
+    Adam's first updates are ±lr in nearly every coordinate whatever the gradient's size
+    (its second moment is one squared gradient), so on a small noisy batch they move a
+    pretrained model far in a random direction; a warm-up shrinks those updates."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr_schedule={schedule!r}; choose one of {LR_SCHEDULES}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if schedule != "constant" and total_steps <= warmup_steps:
+        raise ValueError(f"lr_schedule={schedule!r} decays from step warmup_steps={warmup_steps} to 0 at "
+                         f"steps={total_steps}: it needs steps > warmup_steps")
+
+    def rate(count):  # count: updates applied so far
+        k = jnp.floor(jnp.asarray(count, jnp.float32) / updates_per_step)
+        warm = jnp.minimum(1.0, (k + 1.0) / warmup_steps) if warmup_steps else 1.0
+        if schedule == "constant":
+            return learning_rate * warm
+        frac = jnp.clip((k - warmup_steps) / (total_steps - warmup_steps), 0.0, 1.0)
+        decay = 1.0 - frac if schedule == "linear" else 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+        return learning_rate * warm * decay
+
+    return rate
+
+
+def updates_per_step(config) -> int:
+    """Optimiser updates in one training step: PPO's epochs × minibatches, else 1."""
+    if config.get("algo", "fdpg") not in ("ppo", "fppo"):
+        return 1
+    if "ppo" in config:  # the LM configs
+        return config.ppo.epochs * config.ppo.minibatches
+    return config.ppo_epochs * config.ppo_minibatches  # configs/toy.py
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
-    """AdamW (weight_decay 0 = Adam) with optional global-norm clipping; float32 master
-    weights when the parameters are low precision."""
+    """AdamW (weight_decay 0 = Adam) with optional global-norm clipping, the step size from
+    `learning_rate_schedule` (config.lr_schedule, config.warmup_steps, config.steps); float32
+    master weights when the parameters are low precision."""
     if not config.learning_rate > 0:
         raise ValueError(f"learning_rate must be > 0, got {config.learning_rate}")
+    schedule, warmup = config.get("lr_schedule", "constant"), config.get("warmup_steps", 0)
+    # A constant rate stays a float: optax then keeps no step count in the optimiser state.
+    lr = config.learning_rate if (schedule, warmup) == ("constant", 0) else learning_rate_schedule(
+        config.learning_rate, schedule, warmup, config.steps, updates_per_step(config))
     parts = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip > 0 else []
     adam = config.get("adam")  # absent from the toy configs: optax's Adam defaults
     b1, b2, eps, wd = (0.9, 0.999, 1e-8, 0.0) if adam is None else (adam.b1, adam.b2, adam.eps, adam.weight_decay)
     mu_dtype = None if adam is None else adam.get("mu_dtype") or None
     if mu_dtype is None:
-        adamw = optax.adamw(config.learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=wd)
+        adamw = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=wd)
     else:
         adamw = optax.chain(scale_by_adam_stored_mu(b1, b2, eps, mu_dtype),
                             optax.add_decayed_weights(wd) if wd else optax.identity(),
-                            optax.scale_by_learning_rate(config.learning_rate))
+                            optax.scale_by_learning_rate(lr))
     optimizer = optax.chain(*parts, adamw)
     if jnp.dtype(config.get("param_dtype", "float32")) != jnp.float32:
         optimizer = float32_master(optimizer)

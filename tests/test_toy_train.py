@@ -26,6 +26,7 @@ def test_training_lowers_the_exact_target_divergence(f):
     dict(baseline="loo"), dict(baseline="ema"), dict(baseline="window"), dict(baseline="none", f="tv"),
     dict(family="shared", target="pointwise", f="rkl"),
     dict(target="distributional", f="fkl"),
+    dict(lr_schedule="cosine", warmup_steps=10, f="js"),
 ], ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
 def test_variants_learn(overrides):
     history = toy_train.run_seeds(short_config(**overrides))
