@@ -124,6 +124,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every = 1
     c.eval_every = 25
     c.eval_batch_size = 16
+    # Evaluation (and λ fitting) samples this many at a time; 0 = the whole eval_batch_size.
+    # Chunks bound the sampler's and the reference scoring's memory for large evaluations.
+    c.eval_chunk = 0
     c.num_logged_samples = 4
     c.checkpoint_every = 50
     c.resume = False

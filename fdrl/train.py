@@ -121,6 +121,15 @@ def validate(config) -> None:
         raise ValueError(f"batch_size must be >= 2, got {config.batch_size}")
     if not config.learning_rate > 0:
         raise ValueError(f"learning_rate must be > 0, got {config.learning_rate}")
+    chunk = config.get("eval_chunk", 0)
+    if chunk < 0 or (chunk and config.eval_batch_size % chunk):
+        raise ValueError(f"eval_chunk={chunk} must be 0 (all at once) or divide eval_batch_size="
+                         f"{config.eval_batch_size}")
+
+
+def eval_chunk_size(config) -> int:
+    """Samples per sampler call in evaluation and λ fitting: config.eval_chunk, 0 = all."""
+    return config.get("eval_chunk", 0) or config.eval_batch_size
 
 
 def build_task(config, mesh=None, rules=None) -> Task:
@@ -403,8 +412,9 @@ class Trainer:
         validate(config)
         self.mesh = sharding.mesh_from_config(config.mesh)
         self.rules = sharding.parse_rules(config.mesh.rules)
-        for field in ("batch_size", "eval_batch_size"):
-            sharding.check_batch(self.mesh, self.rules, config[field], f"{field}={config[field]}")
+        for field, size in (("batch_size", config.batch_size), ("eval_batch_size", config.eval_batch_size),
+                            ("eval_chunk", eval_chunk_size(config))):
+            sharding.check_batch(self.mesh, self.rules, size, f"{field}={size}")
         if task is None:
             task = build_task(config, self.mesh, self.rules)
         else:  # a task built elsewhere: its sampler must return batches split over this mesh
@@ -433,7 +443,7 @@ class Trainer:
             return None
         texts = []
         for i in range(self.config.target.fit_batches):
-            _, _, out, _ = self.sample(self.task.ref_params, jax.random.fold_in(key, i), self.config.eval_batch_size)
+            _, _, out, _ = self.sample(self.task.ref_params, jax.random.fold_in(key, i), eval_chunk_size(self.config))
             texts += self.decode(out)
         fit = [t.fit(texts) for t in self.task.target.terms if isinstance(t, scorers.DistributionalTerm)][0]
         return dict(lam=np.asarray(fit.lam).tolist(), moments=np.asarray(fit.moments).tolist(), num_samples=len(texts))
@@ -477,7 +487,7 @@ class Trainer:
         self._update.lower(self.task.ref_params, self.abstract_state, prompt, valid, tokens, mask, logp,
                            log_potential, ctx, *states).compile()
         self.task.sampler.lower(policy, prompt, valid, key, c.temperature, c.top_p).compile()
-        prompt, valid, key, ctx, tokens, mask = batch(c.eval_batch_size)
+        prompt, valid, key, ctx, tokens, mask = batch(eval_chunk_size(c))
         self.task.sampler.lower(policy, prompt, valid, key, 1.0, 1.0).compile()  # evaluate
         self._ref_logp.lower(self.task.ref_params, prompt, valid, tokens, mask).compile()
         if c.top_k:
@@ -516,15 +526,22 @@ class Trainer:
         return (prompt, valid, out.tokens, out.mask, out.logp, log_potential, ctx, *states)
 
     def evaluate(self, state: LMTrainState, key: Array) -> tuple[dict, list[str], list[str]]:
-        """Metrics from fresh pure samples of π (temperature 1): estimates named in fdrl.metrics."""
-        prompt, valid, out, ctx = self.sample(state.params, key, self.config.eval_batch_size, temperature=1.0,
-                                              top_p=1.0)
-        texts = self.decode(out)
-        if self.config.top_k:  # the sampler's log-probs are of the truncated distribution: re-score π
-            policy_logp = self._ref_logp(state.params, prompt, valid, out.tokens, out.mask)
-        else:
-            policy_logp = out.logp  # [B, N]: summed in _eval_estimates
-        ref_logp = self._ref_logp(self.task.ref_params, prompt, valid, out.tokens, out.mask)
+        """Metrics from eval_batch_size fresh pure samples of π (temperature 1), drawn
+        eval_chunk at a time: estimates named in fdrl.metrics."""
+        size, chunk = self.config.eval_batch_size, eval_chunk_size(self.config)
+        policy_logp, ref_logp, ctx, texts = [], [], [], []
+        for i in range(size // chunk):  # one chunk keeps the key: the same samples as before chunks existed
+            prompt, valid, out, ctx_i = self.sample(state.params, key if chunk == size else jax.random.fold_in(key, i),
+                                                    chunk, temperature=1.0, top_p=1.0)
+            texts += self.decode(out)
+            if self.config.top_k:  # the sampler's log-probs are of the truncated distribution: re-score π
+                policy_logp.append(self._ref_logp(state.params, prompt, valid, out.tokens, out.mask))
+            else:
+                policy_logp.append(out.logp)  # [B, N]: summed in _eval_estimates
+            ref_logp.append(self._ref_logp(self.task.ref_params, prompt, valid, out.tokens, out.mask))
+            ctx.append(ctx_i)
+        policy_logp, ref_logp, ctx = self.shard_batch(
+            *(np.concatenate([sharding.to_host(a) for a in arrays]) for arrays in (policy_logp, ref_logp, ctx)))
         result = {k: float(v) for k, v in _eval_estimates(state.log_z, policy_logp, ref_logp, self.score_texts(texts),
                                                           ctx if self.config.conditional else None).items()}
         log_Z = result.pop("log_Z")

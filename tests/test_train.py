@@ -37,10 +37,14 @@ def test_smoke_configs_train_and_log(module, tmp_path):
         assert json.load(open(tmp_path / "target.json"))["lam"]
 
 
-def test_resume_continues_exactly(tmp_path):
-    straight = train.train_and_evaluate(smoke(smollm2_sentiment, tmp_path / "a"), log=lambda s: None)["state"]
-    train.train_and_evaluate(smoke(smollm2_sentiment, tmp_path / "b", steps=2), log=lambda s: None)
-    resumed = train.train_and_evaluate(smoke(smollm2_sentiment, tmp_path / "b", resume=True), log=lambda s: None)
+@pytest.mark.parametrize("overrides", [{}, dict(warmup_steps=3)], ids=["constant", "warmup"])
+def test_resume_continues_exactly(overrides, tmp_path):
+    """A warm-up's step size depends on the optimiser's step count: resuming must restore it."""
+    straight = train.train_and_evaluate(smoke(smollm2_sentiment, tmp_path / "a", **overrides), log=lambda s: None)
+    straight = straight["state"]
+    train.train_and_evaluate(smoke(smollm2_sentiment, tmp_path / "b", steps=2, **overrides), log=lambda s: None)
+    resumed = train.train_and_evaluate(smoke(smollm2_sentiment, tmp_path / "b", resume=True, **overrides),
+                                       log=lambda s: None)
     assert int(resumed["state"].step) == 4
     with pytest.raises(FileExistsError, match="resume=True"):
         train.train_and_evaluate(smoke(smollm2_sentiment, tmp_path / "b"), log=lambda s: None)
@@ -59,9 +63,12 @@ def test_offpolicy_and_truncated_sampling_use_importance_weights(tmp_path):
 
 def test_bad_config_values(tmp_path):
     for field, value, match in [("f", "kl", "unknown f-divergence"), ("proposal", "x", "unknown proposal"),
-                                ("model", "gpt", "unknown model")]:
+                                ("model", "gpt", "unknown model"), ("lr_schedule", "cosin", "unknown lr_schedule"),
+                                ("warmup_steps", -2, "warmup_steps must be >= 0, got -2")]:
         with pytest.raises(ValueError, match=match):
             train.Trainer(smoke(smollm2_word, tmp_path, **{field: value}))
+    with pytest.raises(ValueError, match="eval_chunk=3 must be 0 .* or divide eval_batch_size=4"):
+        train.Trainer(smoke(smollm2_word, tmp_path, eval_chunk=3))
     config = smoke(smollm2_sentiment, tmp_path)
     config.target.beta = -1.0
     with pytest.raises(ValueError, match="beta must be"):
@@ -74,6 +81,20 @@ def test_step_zero_estimates_use_a_real_log_z(tmp_path):
     values, _, _ = trainer.evaluate(trainer.init_state(), jax.random.PRNGKey(0))
     assert values["log_Z"] != 0.0
     assert 0.0 <= values["tv"] <= 1.5 and values["js"] <= 1.0 and values["kl_pi_p"] > -0.05
+
+
+def test_evaluation_in_chunks(tmp_path):
+    """eval_chunk draws the evaluation batch a chunk at a time (chunk i from key fold_in(key, i))
+    and estimates from all of it; one chunk is the unchunked evaluation."""
+    trainer = train.Trainer(smoke(smollm2_sentiment, tmp_path, eval_batch_size=8, eval_chunk=4))
+    state, key = trainer.init_state(), jax.random.PRNGKey(3)
+    values, prompts, texts = trainer.evaluate(state, key)
+    assert len(texts) == len(prompts) == 8 and all(math.isfinite(v) for v in values.values())
+    trainer.config.eval_batch_size = 4  # one chunk of the same size, from the first chunk's key
+    _, first_prompts, first_texts = trainer.evaluate(state, jax.random.fold_in(key, 0))
+    assert (first_prompts, first_texts) == (prompts[:4], texts[:4]) and texts[4:] != texts[:4]
+    trainer.config.eval_chunk = 0  # all at once: the same as one chunk
+    assert trainer.evaluate(state, jax.random.fold_in(key, 0))[2] == first_texts
 
 
 @pytest.mark.parametrize("algo", ["ppo", pytest.param("fppo", marks=pytest.mark.slow)])
@@ -93,9 +114,10 @@ def test_two_ppo_steps_on_the_tiny_model(algo, tmp_path):
         assert float(state.kl.beta) != 0.1  # the adaptive controller moved
 
 
-@pytest.mark.parametrize("overrides", [dict(), pytest.param(dict(top_k=5, eval_batch_size=4, proposal="offpolicy"),
-                                                        marks=pytest.mark.slow)],
-                         ids=["default", "topk-offpolicy"])
+@pytest.mark.parametrize("overrides", [dict(), dict(eval_batch_size=8, eval_chunk=4),
+                                       pytest.param(dict(top_k=5, eval_batch_size=4, proposal="offpolicy"),
+                                                    marks=pytest.mark.slow)],
+                         ids=["default", "eval-chunks", "topk-offpolicy"])
 def test_compile_ahead_covers_the_whole_run(overrides, tmp_path, monkeypatch, caplog):
     """Trainer.compile() compiles, before any train state exists, everything the run then
     calls: XLA compiles none of the update, the sampler or the scoring again during λ
