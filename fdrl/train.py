@@ -540,15 +540,15 @@ class Trainer:
                 policy_logp.append(out.logp)  # [B, N]: summed in _eval_estimates
             ref_logp.append(self._ref_logp(self.task.ref_params, prompt, valid, out.tokens, out.mask))
             ctx.append(ctx_i)
-        policy_logp, ref_logp, ctx = self.shard_batch(
-            *(np.concatenate([sharding.to_host(a) for a in arrays]) for arrays in (policy_logp, ref_logp, ctx)))
+        host = [np.concatenate([sharding.to_host(a) for a in arrays]) for arrays in (policy_logp, ref_logp, ctx)]
+        policy_logp, ref_logp, ctx = self.shard_batch(*host)
         result = {k: float(v) for k, v in _eval_estimates(state.log_z, policy_logp, ref_logp, self.score_texts(texts),
                                                           ctx if self.config.conditional else None).items()}
         log_Z = result.pop("log_Z")
         result["alignment"] = float(np.mean(self.task.target.score(texts)))
         result["log_Z"] = log_Z
         result.update(metrics.diversity(texts))
-        prompts = [self.task.prompts[int(i)] for i in sharding.to_host(ctx)]
+        prompts = [self.task.prompts[int(i)] for i in host[2]]  # the context ids, already gathered
         return result, prompts, texts
 
 
