@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fdrl.config_checks import check_choice, check_float_dtype, check_int, check_number
+
 
 class MasterState(NamedTuple):
     master: optax.Params  # float32 copy of the parameters
@@ -117,12 +119,31 @@ def updates_per_step(config) -> int:
     return config.ppo_epochs * config.ppo_minibatches  # configs/toy.py
 
 
+def check_config(config) -> None:
+    """Raises ValueError naming the first bad optimiser field of an LM or a toy config."""
+    check_number(config, "learning_rate", low=0, low_open=True)
+    check_number(config, "grad_clip", low=0)
+    # Absent schedule fields mean make_optimizer's defaults (a constant rate).
+    for field, check in (("lr_schedule", lambda f: check_choice(config, f, LR_SCHEDULES)),
+                         ("warmup_steps", lambda f: check_int(config, f, low=0)),
+                         ("steps", lambda f: check_int(config, f, low=0))):
+        if field in config:
+            check(field)
+    learning_rate_schedule(config.learning_rate, config.get("lr_schedule", "constant"),
+                           config.get("warmup_steps", 0), config.get("steps", 0))
+    if "adam" in config:  # the LM configs
+        check_number(config, "adam.b1", low=0, high=1, high_open=True)
+        check_number(config, "adam.b2", low=0, high=1, high_open=True)
+        check_number(config, "adam.eps", low=0, low_open=True)  # 0 divides 0 by 0 where a gradient is 0
+        check_number(config, "adam.weight_decay", low=0)
+        check_float_dtype(config, "adam.mu_dtype", allow_empty=True)
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
     """AdamW (weight_decay 0 = Adam) with optional global-norm clipping, the step size from
     `learning_rate_schedule` (config.lr_schedule, config.warmup_steps, config.steps); float32
     master weights when the parameters are low precision."""
-    if not config.learning_rate > 0:
-        raise ValueError(f"learning_rate must be > 0, got {config.learning_rate}")
+    check_config(config)
     schedule, warmup = config.get("lr_schedule", "constant"), config.get("warmup_steps", 0)
     # A constant rate stays a float: optax then keeps no step count in the optimiser state.
     lr = config.learning_rate if (schedule, warmup) == ("constant", 0) else learning_rate_schedule(

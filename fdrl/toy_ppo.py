@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from fdrl import estimators, ppo, toy
+from fdrl.config_checks import check_choice, check_int, check_number
 
 Array = jax.Array
 ALGOS = ("ppo", "fppo")
@@ -36,12 +37,23 @@ def init_extras(config, problem: toy.ToyProblem) -> PPOExtras:
 
 
 def validate(config) -> None:
-    if config.algo not in ALGOS:
-        raise ValueError(f"unknown algo={config.algo!r} for PPO; choose one of {ALGOS}")
+    """Raises ValueError naming the first bad PPO field of a toy config."""
+    check_choice(config, "algo", ALGOS)
+    check_int(config, "ppo_epochs", low=1)
+    check_int(config, "ppo_minibatches", low=1)
     if config.batch_size % config.ppo_minibatches:
         raise ValueError(f"batch_size={config.batch_size} must be divisible by ppo_minibatches={config.ppo_minibatches}")
-    if config.kl_controller not in ("fixed", "adaptive"):
-        raise ValueError(f"unknown kl_controller={config.kl_controller!r}; choose 'fixed' or 'adaptive'")
+    check_number(config, "clip_eps", low=0, high=1, low_open=True, high_open=True)
+    check_choice(config, "ppo_aggregation", ppo.AGGREGATIONS)
+    check_number(config, "gamma", low=0, high=1)
+    check_number(config, "gae_lambda", low=0, high=1)
+    check_number(config, "critic_learning_rate", low=0, low_open=True)
+    check_number(config, "value_clip", low=0)
+    check_choice(config, "kl_controller", ("fixed", "adaptive"))
+    check_number(config, "kl_target", low=0, low_open=True)
+    check_number(config, "kl_gain", low=0)
+    if config.algo == "ppo":
+        check_number(config, "beta", low=0, low_open=True)  # the KL coefficient's start
 
 
 def train_step(config, problem: toy.ToyProblem, target: toy.ToyTarget, optimizer, state):

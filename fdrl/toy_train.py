@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fdrl import divergences, estimators, toy, toy_ppo
+from fdrl import divergences, estimators, optim, toy, toy_ppo
+from fdrl.config_checks import check_choice, check_int, check_number
 from fdrl.losses import fdpg_loss
 from fdrl.optim import make_optimizer
 
@@ -52,18 +53,27 @@ def make_task(config) -> tuple[toy.ToyProblem, toy.ToyTarget]:
 def validate(config) -> None:
     """Raises ValueError naming the first bad field."""
     divergences.get_divergence(config.f, alpha=config.get("alpha"))
-    if config.algo not in ("fdpg",) + toy_ppo.ALGOS:
-        raise ValueError(f"unknown algo={config.algo!r}; choose fdpg, ppo or fppo")
+    check_number(config, "max_abs_u", low=0, low_open=True)
+    check_choice(config, "algo", ("fdpg",) + toy_ppo.ALGOS)
     if config.algo != "fdpg":
         toy_ppo.validate(config)
-    if config.family not in toy.FAMILIES:
-        raise ValueError(f"unknown family={config.family!r}; choose one of {toy.FAMILIES}")
-    if config.baseline not in estimators.BASELINES:
-        raise ValueError(f"unknown baseline={config.baseline!r}; choose one of {estimators.BASELINES}")
-    if config.proposal not in PROPOSALS:
-        raise ValueError(f"unknown proposal={config.proposal!r}; choose one of {PROPOSALS}")
-    if config.batch_size < 2:
-        raise ValueError(f"batch_size must be >= 2, got {config.batch_size}")
+    check_int(config, "vocab_size", low=2)
+    check_int(config, "seq_len", low=1)
+    check_choice(config, "target", toy.TARGETS)
+    if config.target == "rlhf":
+        check_number(config, "beta", low=0, low_open=True)
+    if config.target == "distributional":  # φ is an indicator: E[φ] strictly inside (0, 1)
+        check_number(config, "mu_bar", low=0, high=1, low_open=True, high_open=True)
+    check_choice(config, "family", toy.FAMILIES)
+    check_choice(config, "baseline", estimators.BASELINES)
+    check_number(config, "baseline_decay", low=0, high=1, high_open=True)
+    check_int(config, "baseline_window", low=1)
+    check_choice(config, "proposal", PROPOSALS)
+    check_int(config, "proposal_every", low=1)
+    check_int(config, "batch_size", low=2)
+    optim.check_config(config)
+    check_int(config, "eval_every", low=1)
+    check_int(config, "num_seeds", low=1)
     if config.steps % config.eval_every:
         raise ValueError(f"steps={config.steps} must be a multiple of eval_every={config.eval_every}")
 

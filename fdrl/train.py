@@ -29,7 +29,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fdrl import data, divergences, estimators, host_memory, metrics, ppo, sampling, scorers, sharding
+from fdrl import data, divergences, estimators, host_memory, metrics, optim, ppo, sampling, scorers, sharding
+from fdrl.config_checks import check_choice, check_float_dtype, check_int, check_number
 from fdrl.checkpoint import checkpoint_manager, restore_checkpoint, save_checkpoint
 from fdrl.losses import fdpg_loss
 from fdrl.optim import make_optimizer
@@ -52,6 +53,7 @@ class LMTrainState(NamedTuple):
 
 
 ALGOS = ("fdpg", "ppo", "fppo")
+TARGET_KINDS = ("pointwise", "rlhf", "distributional")
 
 
 class Task(NamedTuple):
@@ -104,25 +106,58 @@ def build_target(config) -> scorers.TextTarget:
         return scorers.TextTarget([scorers.RewardTerm(scorer, beta=t.beta)])
     if t.kind == "distributional":
         return scorers.TextTarget([scorers.DistributionalTerm([scorer], mu_bar=tuple(t.mu_bar))])
-    raise ValueError(f"unknown target.kind={t.kind!r}; choose pointwise, rlhf or distributional")
+    raise ValueError(f"unknown target.kind={t.kind!r}; choose one of {TARGET_KINDS}")
 
 
 def validate(config) -> None:
+    """Raises ValueError naming the first bad field (by its flag path) before anything loads."""
     divergences.get_divergence(config.f, alpha=config.get("alpha"))
-    if config.algo not in ALGOS:
-        raise ValueError(f"unknown algo={config.algo!r}; choose one of {ALGOS}")
-    if config.algo != "fdpg" and config.batch_size % config.ppo.minibatches:
-        raise ValueError(f"batch_size={config.batch_size} must be divisible by ppo.minibatches={config.ppo.minibatches}")
-    if config.proposal not in PROPOSALS:
-        raise ValueError(f"unknown proposal={config.proposal!r}; choose one of {PROPOSALS}")
-    if config.baseline not in estimators.BASELINES:
-        raise ValueError(f"unknown baseline={config.baseline!r}; choose one of {estimators.BASELINES}")
-    if config.batch_size < 2:
-        raise ValueError(f"batch_size must be >= 2, got {config.batch_size}")
-    if not config.learning_rate > 0:
-        raise ValueError(f"learning_rate must be > 0, got {config.learning_rate}")
-    chunk = config.get("eval_chunk", 0)
-    if chunk < 0 or (chunk and config.eval_batch_size % chunk):
+    check_number(config, "max_abs_u", low=0, low_open=True)
+    check_choice(config, "algo", ALGOS)
+    check_choice(config, "model", ("smollm2", "tiny"))
+    check_float_dtype(config, "param_dtype")
+    check_float_dtype(config, "compute_dtype")
+    check_choice(config, "remat", tuple(llama.REMAT_POLICIES) + (True, False))
+    for field in ("logits_chunk", "decode_column_blocks", "num_prompts", "num_logged_samples"):
+        check_int(config, field, low=0)
+    check_choice(config, "target.kind", TARGET_KINDS)
+    if config.target.kind == "rlhf":
+        check_number(config, "target.beta", low=0, low_open=True)
+    if config.target.kind == "distributional":
+        check_int(config, "target.fit_batches", low=1)
+    check_choice(config, "proposal", PROPOSALS)
+    check_choice(config, "baseline", estimators.BASELINES)
+    check_number(config, "baseline_decay", low=0, high=1, high_open=True)
+    check_int(config, "baseline_window", low=1)
+    check_int(config, "batch_size", low=2)
+    check_int(config, "max_new_tokens", low=1)
+    check_number(config, "temperature", low=0)
+    check_int(config, "top_k", low=0)
+    check_number(config, "top_p", low=0, high=1, low_open=True)
+    if config.algo != "fdpg":
+        check_int(config, "ppo.epochs", low=1)
+        check_int(config, "ppo.minibatches", low=1)
+        if config.batch_size % config.ppo.minibatches:
+            raise ValueError(f"batch_size={config.batch_size} must be divisible by "
+                             f"ppo.minibatches={config.ppo.minibatches}")
+        check_number(config, "ppo.clip_eps", low=0, high=1, low_open=True, high_open=True)
+        check_choice(config, "ppo.aggregation", ppo.AGGREGATIONS)
+        check_number(config, "ppo.gamma", low=0, high=1)
+        check_number(config, "ppo.gae_lambda", low=0, high=1)
+        check_number(config, "ppo.vf_coef", low=0)
+        check_number(config, "ppo.value_clip", low=0)
+        if config.algo == "ppo":
+            check_number(config, "ppo.kl_beta", low=0, low_open=True)
+            check_choice(config, "ppo.kl_controller", ("fixed", "adaptive"))
+            check_number(config, "ppo.kl_target", low=0, low_open=True)
+            check_number(config, "ppo.kl_gain", low=0)
+    optim.check_config(config)
+    check_int(config, "log_every", low=1)
+    check_int(config, "eval_every", low=1)
+    check_int(config, "checkpoint_every", low=0)  # 0 = never
+    check_int(config, "eval_batch_size", low=1)
+    chunk = check_int(config, "eval_chunk", low=0) if "eval_chunk" in config else 0
+    if chunk and config.eval_batch_size % chunk:
         raise ValueError(f"eval_chunk={chunk} must be 0 (all at once) or divide eval_batch_size="
                          f"{config.eval_batch_size}")
 

@@ -115,7 +115,7 @@ def test_ppo_counts_training_steps():
 
 @pytest.mark.parametrize("kw,match", [
     (dict(lr_schedule="cosin"), "unknown lr_schedule='cosin'"),
-    (dict(warmup_steps=-1), "warmup_steps must be >= 0, got -1"),
+    (dict(warmup_steps=-1), "warmup_steps=-1 must be an integer >= 0"),
     (dict(lr_schedule="linear", warmup_steps=10), "needs steps > warmup_steps"),
 ])
 def test_bad_schedule_is_named(kw, match):

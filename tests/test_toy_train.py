@@ -50,8 +50,8 @@ def test_log_z_estimate_converges_to_exact():
 
 @pytest.mark.parametrize("field, value, match", [
     ("f", "kl", "unknown f-divergence"), ("family", "mlp", "unknown family"), ("baseline", "x", "unknown baseline"),
-    ("proposal", "x", "unknown proposal"), ("steps", 101, "multiple of eval_every"), ("beta", 0.0, "beta must be"),
-    ("learning_rate", -1.0, "learning_rate must be > 0"),
+    ("proposal", "x", "unknown proposal"), ("steps", 101, "multiple of eval_every"), ("beta", 0.0, "beta=0.0 must be a finite number > 0"),
+    ("learning_rate", -1.0, "learning_rate=-1.0 must be a finite number > 0"),
 ])
 def test_config_errors(field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -75,3 +75,43 @@ def test_ppo_config_errors():
         toy_train.run_seeds(short_config(algo="trpo"))
     with pytest.raises(ValueError, match="divisible by ppo_minibatches"):
         toy_train.run_seeds(short_config(algo="ppo", ppo_minibatches=5))
+
+
+@pytest.mark.parametrize("variant", ["", "smoke"])
+def test_the_sweep_configs_validate(variant):
+    for overrides in toy_config.get_sweep(variant):
+        config = toy_config.get_config(variant)
+        config.update({k: v for k, v in overrides.items() if k != "label"})
+        toy_train.validate(config)
+
+
+BAD_TOY_FIELDS = [
+    ("ppo_minibatches", 0, dict(algo="ppo"), "ppo_minibatches=0 must be an integer >= 1"),
+    ("ppo_epochs", 0, dict(algo="fppo"), "ppo_epochs=0 must be an integer >= 1"),
+    ("clip_eps", 0.0, dict(algo="fppo"), r"clip_eps=0.0 must be a finite number in \(0, 1\)"),
+    ("gamma", 2.0, dict(algo="ppo"), "gamma=2.0 must be"),
+    ("gae_lambda", 1.5, dict(algo="ppo"), "gae_lambda=1.5 must be"),
+    ("ppo_aggregation", "mean", dict(algo="ppo"), "unknown ppo_aggregation='mean'"),
+    ("critic_learning_rate", 0.0, dict(algo="ppo"), "critic_learning_rate=0.0 must be a finite number > 0"),
+    ("value_clip", -1.0, dict(algo="ppo"), "value_clip=-1.0 must be"),
+    ("kl_controller", "pid", dict(algo="ppo"), "unknown kl_controller='pid'"),
+    ("kl_target", 0.0, dict(algo="ppo"), "kl_target=0.0 must be"),
+    ("kl_gain", -1.0, dict(algo="ppo"), "kl_gain=-1.0 must be"),
+    ("vocab_size", 1, {}, "vocab_size=1 must be an integer >= 2"),
+    ("seq_len", 0, {}, "seq_len=0 must be an integer >= 1"),
+    ("target", "reward", {}, "unknown target='reward'"),
+    ("mu_bar", 1.0, dict(target="distributional"), r"mu_bar=1.0 must be a finite number in \(0, 1\)"),
+    ("max_abs_u", -1.0, {}, "max_abs_u=-1.0 must be a finite number > 0"),
+    ("baseline_decay", -0.5, dict(baseline="ema"), "baseline_decay=-0.5 must be"),
+    ("baseline_window", 0, dict(baseline="window"), "baseline_window=0 must be an integer >= 1"),
+    ("proposal_every", 0, dict(proposal="lagged"), "proposal_every=0 must be an integer >= 1"),
+    ("grad_clip", -1.0, {}, "grad_clip=-1.0 must be"),
+    ("eval_every", 0, {}, "eval_every=0 must be an integer >= 1"),  # was a ZeroDivisionError
+    ("num_seeds", 0, {}, "num_seeds=0 must be an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize("field, value, base, match", BAD_TOY_FIELDS, ids=[f"{b[0]}={b[1]}" for b in BAD_TOY_FIELDS])
+def test_bad_toy_fields_are_named(field, value, base, match):
+    with pytest.raises(ValueError, match=match):
+        toy_train.run_seeds(short_config(**base, **{field: value}))

@@ -64,15 +64,97 @@ def test_offpolicy_and_truncated_sampling_use_importance_weights(tmp_path):
 def test_bad_config_values(tmp_path):
     for field, value, match in [("f", "kl", "unknown f-divergence"), ("proposal", "x", "unknown proposal"),
                                 ("model", "gpt", "unknown model"), ("lr_schedule", "cosin", "unknown lr_schedule"),
-                                ("warmup_steps", -2, "warmup_steps must be >= 0, got -2")]:
+                                ("warmup_steps", -2, "warmup_steps=-2 must be an integer >= 0")]:
         with pytest.raises(ValueError, match=match):
             train.Trainer(smoke(smollm2_word, tmp_path, **{field: value}))
     with pytest.raises(ValueError, match="eval_chunk=3 must be 0 .* or divide eval_batch_size=4"):
         train.Trainer(smoke(smollm2_word, tmp_path, eval_chunk=3))
     config = smoke(smollm2_sentiment, tmp_path)
     config.target.beta = -1.0
-    with pytest.raises(ValueError, match="beta must be"):
+    with pytest.raises(ValueError, match="target.beta=-1.0 must be a finite number > 0"):
         train.Trainer(config)
+
+
+@pytest.mark.parametrize("module", [smollm2_word, smollm2_sentiment, smollm2_gender],
+                         ids=["word", "sentiment", "gender"])
+@pytest.mark.parametrize("variant", ["", "demo", "smoke"])
+@pytest.mark.parametrize("algo", train.ALGOS)
+def test_shipped_configs_validate(module, variant, algo):
+    config = module.get_config(variant)
+    config.algo = algo
+    train.validate(config)
+
+
+# (field, bad value, algo, the message): each fails in train.validate, before a model loads.
+BAD_FIELDS = [
+    ("ppo.minibatches", 0, "ppo", "ppo.minibatches=0 must be an integer >= 1"),
+    ("ppo.epochs", 0, "fppo", "ppo.epochs=0 must be an integer >= 1"),
+    ("batch_size", 3, "ppo", "batch_size=3 must be divisible by ppo.minibatches=2"),
+    ("ppo.clip_eps", 1.0, "ppo", r"ppo.clip_eps=1.0 must be a finite number in \(0, 1\)"),
+    ("ppo.gamma", 1.5, "ppo", r"ppo.gamma=1.5 must be a finite number in \[0, 1\]"),
+    ("ppo.gae_lambda", -0.1, "fppo", "ppo.gae_lambda=-0.1 must be"),
+    ("ppo.vf_coef", -1.0, "ppo", "ppo.vf_coef=-1.0 must be a finite number >= 0"),
+    ("ppo.value_clip", -1.0, "ppo", "ppo.value_clip=-1.0 must be"),
+    ("ppo.aggregation", "mean", "fppo", "unknown ppo.aggregation='mean'"),
+    ("ppo.kl_beta", 0.0, "ppo", "ppo.kl_beta=0.0 must be a finite number > 0"),
+    ("ppo.kl_controller", "pid", "ppo", "unknown ppo.kl_controller='pid'"),  # was silently "fixed"
+    ("ppo.kl_target", 0.0, "ppo", "ppo.kl_target=0.0 must be"),
+    ("ppo.kl_gain", -0.1, "ppo", "ppo.kl_gain=-0.1 must be"),
+    ("algo", "trpo", "fdpg", "unknown algo='trpo'"),
+    ("batch_size", 1, "fdpg", "batch_size=1 must be an integer >= 2"),
+    ("max_abs_u", 0.0, "fdpg", "max_abs_u=0.0 must be a finite number > 0"),
+    ("max_abs_u", float("nan"), "fdpg", "max_abs_u=nan must be a finite number > 0"),
+    ("param_dtype", "int8", "fdpg", "param_dtype='int8' must name a floating-point dtype"),
+    ("compute_dtype", "f32", "fdpg", "compute_dtype='f32' must name a floating-point dtype"),
+    ("remat", "some", "fdpg", "unknown remat='some'"),
+    ("logits_chunk", -1, "fdpg", "logits_chunk=-1 must be an integer >= 0"),
+    ("decode_column_blocks", -2, "fdpg", "decode_column_blocks=-2 must be"),
+    ("num_prompts", -1, "fdpg", "num_prompts=-1 must be"),
+    ("num_logged_samples", -1, "fdpg", "num_logged_samples=-1 must be"),
+    ("target.kind", "ranking", "fdpg", "unknown target.kind='ranking'"),
+    ("baseline_decay", 1.0, "fdpg", r"baseline_decay=1.0 must be a finite number in \[0, 1\)"),
+    ("baseline_window", 0, "fdpg", "baseline_window=0 must be an integer >= 1"),
+    ("max_new_tokens", 0, "fdpg", "max_new_tokens=0 must be an integer >= 1"),
+    ("temperature", -0.5, "fdpg", "temperature=-0.5 must be a finite number >= 0"),
+    ("top_k", -1, "fdpg", "top_k=-1 must be an integer >= 0"),
+    ("top_p", 0.0, "fdpg", r"top_p=0.0 must be a finite number in \(0, 1\]"),
+    ("learning_rate", 0.0, "fdpg", "learning_rate=0.0 must be a finite number > 0"),
+    ("grad_clip", -1.0, "fdpg", "grad_clip=-1.0 must be"),
+    ("adam.b1", 1.0, "fdpg", r"adam.b1=1.0 must be a finite number in \[0, 1\)"),
+    ("adam.b2", -0.1, "fdpg", "adam.b2=-0.1 must be"),
+    ("adam.eps", 0.0, "fdpg", "adam.eps=0.0 must be a finite number > 0"),
+    ("adam.weight_decay", -0.01, "fdpg", "adam.weight_decay=-0.01 must be"),
+    ("adam.mu_dtype", "int8", "fdpg", "adam.mu_dtype='int8' must name a floating-point dtype"),
+    ("steps", -1, "fdpg", "steps=-1 must be an integer >= 0"),
+    ("log_every", 0, "fdpg", "log_every=0 must be an integer >= 1"),
+    ("eval_every", 0, "fdpg", "eval_every=0 must be an integer >= 1"),
+    ("checkpoint_every", -1, "fdpg", "checkpoint_every=-1 must be an integer >= 0"),
+    ("eval_batch_size", 0, "fdpg", "eval_batch_size=0 must be an integer >= 1"),
+    ("eval_chunk", -4, "fdpg", "eval_chunk=-4 must be an integer >= 0"),
+]
+
+
+@pytest.mark.parametrize("field, value, algo, match", BAD_FIELDS, ids=[f"{b[0]}={b[1]}" for b in BAD_FIELDS])
+def test_bad_fields_are_named_before_loading(field, value, algo, match):
+    config = smollm2_word.get_config()  # the real model: validate must fail before it loads
+    config.algo = algo
+    *parents, leaf = field.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    with pytest.raises(ValueError, match=match):
+        train.validate(config)
+
+
+def test_target_fields_checked_for_their_kind():
+    sentiment, gender = smollm2_sentiment.get_config(), smollm2_gender.get_config()
+    sentiment.target.beta = 0.0
+    with pytest.raises(ValueError, match="target.beta=0.0 must be a finite number > 0"):
+        train.validate(sentiment)
+    gender.target.fit_batches = 0
+    with pytest.raises(ValueError, match="target.fit_batches=0 must be an integer >= 1"):
+        train.validate(gender)
 
 
 def test_step_zero_estimates_use_a_real_log_z(tmp_path):
