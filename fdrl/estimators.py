@@ -115,6 +115,8 @@ def weighted_mean(values: Array, weights: Optional[Array] = None) -> Array:
     """Σ w·v / Σ w ([B] → []); the plain mean when weights is None; 0 if Σ w = 0."""
     if weights is None:
         return jnp.mean(values)
+    if jnp.shape(values) != jnp.shape(weights):  # [B] against [B, 1] would broadcast silently
+        raise ValueError(f"values {jnp.shape(values)} and weights {jnp.shape(weights)} shapes disagree")
     total = jnp.sum(weights)
     return jnp.where(total > 0, jnp.sum(weights * values) / jnp.where(total > 0, total, 1.0), 0.0)
 

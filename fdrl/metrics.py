@@ -37,6 +37,14 @@ _U_CLIP = 30.0
 
 def divergence_estimates(policy_logp: Array, log_P: Array, log_Z: Array, ref_logp: Array) -> dict:
     """Estimates from on-policy samples. All inputs [B] (log_Z [] or [B])."""
+    policy_logp = jnp.asarray(policy_logp, jnp.float32)
+    if policy_logp.ndim != 1:
+        raise ValueError(f"policy_logp must be per-sequence, shape [B]; got shape {policy_logp.shape}")
+    for name, x in (("log_P", log_P), ("ref_logp", ref_logp), ("log_Z", log_Z)):
+        shape = jnp.shape(x)
+        if shape != policy_logp.shape and not (name == "log_Z" and shape == ()):
+            raise ValueError(f"{name} has shape {shape} but policy_logp has shape {policy_logp.shape}"
+                             f"{' (log_Z may also be [])' if name == 'log_Z' else ''}")
     u, _ = log_ratio(policy_logp, log_P, log_Z, _U_CLIP)
     log_snis = jax.nn.log_softmax(log_target_weights(log_P, policy_logp))
     snis = jnp.exp(log_snis)

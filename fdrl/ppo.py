@@ -45,7 +45,10 @@ def last_token_mask(mask: Array) -> Array:
 
 def place_at_last_token(value: Array, mask: Array) -> Array:
     """[B] → [B, T]: value at the last real token, 0 elsewhere."""
-    return jnp.where(last_token_mask(mask), jnp.asarray(value, jnp.float32)[:, None], 0.0)
+    value, mask = jnp.asarray(value, jnp.float32), _check("mask", mask)
+    if value.shape != mask.shape[:1]:
+        raise ValueError(f"per-sequence value {value.shape} must be [B] = {mask.shape[:1]} to match mask {mask.shape}")
+    return jnp.where(last_token_mask(mask), value[:, None], 0.0)
 
 
 def kl_per_token(policy_logp: Array, ref_logp: Array) -> dict:
@@ -54,7 +57,10 @@ def kl_per_token(policy_logp: Array, ref_logp: Array) -> dict:
     k1 = log r, k2 = ½(log r)², k3 = (1/r − 1) + log r, with r = π_t/a_t.
     k1 is unbiased but signed, k3 unbiased and ≥ 0, k2 biased, low variance.
     """
-    log_ratio = jnp.asarray(policy_logp, jnp.float32) - jnp.asarray(ref_logp, jnp.float32)
+    policy_logp, ref_logp = jnp.asarray(policy_logp, jnp.float32), jnp.asarray(ref_logp, jnp.float32)
+    if policy_logp.shape != ref_logp.shape:  # [B, T] against [B, 1] would broadcast silently
+        raise ValueError(f"policy_logp {policy_logp.shape} and ref_logp {ref_logp.shape} shapes disagree")
+    log_ratio = policy_logp - ref_logp
     return dict(k1=log_ratio, k2=0.5 * log_ratio**2, k3=jnp.expm1(-log_ratio) + log_ratio)
 
 
@@ -113,6 +119,10 @@ def gae(rewards: Array, values: Array, mask: Array, gamma: float, lam: float) ->
 
 
 def masked_mean(x: Array, mask: Array) -> Array:
+    """Mean of x over the entries where mask is true (0 if none); x and mask of one shape."""
+    x, mask = jnp.asarray(x), jnp.asarray(mask)
+    if x.shape != mask.shape:  # a [B, 1] mask would broadcast over [B, T] silently
+        raise ValueError(f"x {x.shape} and mask {mask.shape} shapes disagree")
     mask = mask.astype(jnp.float32)
     return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
@@ -182,7 +192,10 @@ def value_loss(values: Array, old_values: Array, returns: Array, mask: Array, cl
 
 
 def entropy(logits: Array, mask: Array) -> Array:
-    """Mean per-token entropy of softmax(logits) over real tokens. logits [B, T, V]."""
+    """Mean per-token entropy of softmax(logits) over real tokens. logits [B, T, V], mask [B, T]."""
+    logits, mask = jnp.asarray(logits), jnp.asarray(mask)
+    if logits.ndim != 3 or logits.shape[:2] != mask.shape:
+        raise ValueError(f"logits {logits.shape} must be [B, T, V] with mask {mask.shape} = [B, T]")
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return masked_mean(-jnp.sum(jnp.exp(logp) * logp, axis=-1), mask)
 

@@ -68,3 +68,10 @@ def test_estimators_are_jittable_pytrees():
     assert int(state.count) == 5
     leaves = jax.tree.leaves((state, estimators.log_z_init()))
     assert all(isinstance(x, jax.Array) for x in leaves)
+
+
+def test_weighted_mean_refuses_weights_of_another_shape():
+    values = jnp.array([1.0, 2.0, 3.0])
+    assert float(estimators.weighted_mean(values, jnp.array([0.0, 1.0, 1.0]))) == 2.5
+    with pytest.raises(ValueError, match=r"values \(3,\) and weights \(3, 1\) shapes disagree"):
+        estimators.weighted_mean(values, jnp.ones((3, 1)))

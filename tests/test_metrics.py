@@ -36,3 +36,18 @@ def test_diversity():
     assert metrics.distinct_n(["a b c", "a b d"], 2) == 3 / 4
     assert metrics.self_bleu(["the cat sat on the mat"] * 3) == pytest.approx(1.0)
     assert metrics.self_bleu(["one two three four", "five six seven eight"]) == 0.0
+
+
+def test_shapes_that_would_broadcast_are_named():
+    """A [B, 1] log_P against [B] log-probs would broadcast to [B, B] estimates without a word."""
+    logp = jnp.zeros(4)
+    with pytest.raises(ValueError, match=r"log_P has shape \(4, 1\) but policy_logp has shape \(4,\)"):
+        metrics.divergence_estimates(logp, logp[:, None], jnp.array(0.0), logp)
+    with pytest.raises(ValueError, match=r"ref_logp has shape \(3,\)"):
+        metrics.divergence_estimates(logp, logp, jnp.array(0.0), logp[:3])
+    with pytest.raises(ValueError, match=r"log_Z has shape \(2,\) .*log_Z may also be \[\]"):
+        metrics.divergence_estimates(logp, logp, jnp.zeros(2), logp)
+    with pytest.raises(ValueError, match="policy_logp must be per-sequence"):
+        metrics.divergence_estimates(logp[None], logp[None], jnp.array(0.0), logp[None])
+    per_context = metrics.divergence_estimates(logp, logp, jnp.zeros(4), logp)  # log Z_c gathered per sample
+    assert all(jnp.shape(v) == () for v in per_context.values())

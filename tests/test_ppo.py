@@ -132,3 +132,22 @@ def test_fppo_surrogate_at_ratio_one_has_the_fdpg_gradient(f):
     want = jax.grad(lambda p: divergences.exact_divergence(
         f, toy.all_logp(problem, "tabular", p), target.log_p))(params)["logits"]
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_shapes_that_would_broadcast_are_named():
+    """[B, 1] against [B, T] broadcasts in jnp without a word: every token function refuses it."""
+    seq, short, per_seq = jnp.zeros((2, 5)), jnp.ones((2, 1)), jnp.zeros(3)
+    cases = [
+        (lambda: ppo.kl_per_token(seq, short), r"policy_logp \(2, 5\) and ref_logp \(2, 1\) shapes disagree"),
+        (lambda: ppo.masked_mean(seq, short), r"x \(2, 5\) and mask \(2, 1\) shapes disagree"),
+        (lambda: ppo.whiten(seq, short), r"x \(2, 5\) and mask \(2, 1\) shapes disagree"),
+        (lambda: ppo.entropy(jnp.zeros((2, 5, 7)), short), r"logits \(2, 5, 7\) must be \[B, T, V\] with mask"),
+        (lambda: ppo.entropy(seq, seq), r"logits \(2, 5\) must be \[B, T, V\]"),
+        (lambda: ppo.place_at_last_token(per_seq, seq), r"per-sequence value \(3,\) must be \[B\] = \(2,\)"),
+        (lambda: ppo.rlhf_token_rewards(seq, seq, per_seq, seq, 0.1), r"per-sequence value \(3,\)"),
+        (lambda: ppo.fppo_token_rewards("js", jnp.zeros(2), jnp.zeros(2), 0.0, jnp.ones((3, 5))),
+         r"per-sequence value \(2,\) must be \[B\] = \(3,\)"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call()
