@@ -157,9 +157,14 @@ def batch_sharding(mesh: Mesh, rules: Mapping[str, tuple[str, ...]], ndim: int =
     return NamedSharding(mesh, P(_spec_entry(rules["batch"]), *([None] * (ndim - 1))))
 
 
+def batch_shards(mesh: Mesh, rules: Mapping[str, tuple[str, ...]]) -> int:
+    """How many pieces the "batch" rule's mesh axes split a batch into."""
+    return math.prod(mesh.shape[a] for a in rules["batch"])
+
+
 def check_batch(mesh: Mesh, rules: Mapping[str, tuple[str, ...]], size: int, what: str) -> None:
     """Raises unless a batch of `size` splits evenly over the "batch" rule's mesh axes."""
-    divisor = math.prod(mesh.shape[a] for a in rules["batch"])
+    divisor = batch_shards(mesh, rules)
     if size % divisor:
         raise ValueError(f"{what} must be divisible by the {divisor} batch shards of mesh.shape="
                          f"{tuple(mesh.shape.values())} (rule batch -> {','.join(rules['batch'])})")

@@ -21,7 +21,7 @@ import functools
 import json
 import os
 import time
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -531,6 +531,40 @@ class Trainer:
             self.task.sampler.lower(self.task.ref_params, prompt, valid, key, c.temperature, c.top_p).compile()
         host_memory.release_free_heap()  # the compiler's freed memory (~0.8 GB), before the state is made
 
+    def generate(self, params, prompts: Sequence[str], key: Array, num_samples: int = 1,
+                 temperature: Optional[float] = None, top_p: Optional[float] = None) -> list[dict]:
+        """`num_samples` completions of each of `prompts` (user texts, given the config's chat
+        template and system prompt), drawn from `params` at the config's temperature and
+        top-p unless given. One record per completion, prompt by prompt: prompt, completion,
+        score (the target's scorer), log_potential, and the completion's log-probabilities
+        under `params` (policy_logp, untruncated) and under the base model a (ref_logp)."""
+        if not prompts or num_samples < 1:
+            raise ValueError(f"generate needs prompts and num_samples >= 1, got {len(prompts)} prompts and "
+                             f"num_samples={num_samples}")
+        c, tok = self.config, self.task.tokenizer
+        system = c.get("system_prompt") or None
+        texts = [tokenizer_lib.chat_prompt(p, system=system) if c.chat_template else p for p in prompts]
+        tokens, valid = self.task.sampler.pad(tok.encode_batch(texts))
+        rows = np.repeat(np.arange(len(prompts)), num_samples)
+        shards = sharding.batch_shards(self.mesh, self.rules)
+        padded = np.concatenate([rows, np.full(-len(rows) % shards, rows[-1])])  # whole batch shards
+        prompt, prompt_valid = self.shard_batch(tokens[padded], valid[padded])
+        out = self.task.sampler(params, prompt, prompt_valid, jax.device_put(key, sharding.replicated(self.mesh)),
+                                temperature=c.temperature if temperature is None else temperature,
+                                top_p=c.top_p if top_p is None else top_p)
+        completions = self.decode(out)[:len(rows)]
+        # Teacher-forced, so that log π is the policy's own even where top-k/top-p truncated the draw.
+        policy_logp, ref_logp = (sharding.to_host(self._ref_logp(p, prompt, prompt_valid, out.tokens, out.mask))
+                                 for p in (params, self.task.ref_params))
+        scores = np.asarray(self.task.target.score(completions), np.float32)
+        # None where a distributional term has no λ yet (no run restored, none fitted).
+        log_potential = (None if self.task.target.needs_fit else
+                         np.asarray(self.task.target.log_potential(completions), np.float32))
+        return [dict(prompt=prompts[r], completion=t, score=float(scores[i]),
+                     log_potential=None if log_potential is None else float(log_potential[i]),
+                     policy_logp=float(policy_logp[i]), ref_logp=float(ref_logp[i]))
+                for i, (r, t) in enumerate(zip(rows, completions))]
+
     def decode(self, out) -> list[str]:
         return self.task.tokenizer.decode_batch(sharding.to_host(out.tokens), sharding.to_host(out.mask))
 
@@ -602,6 +636,31 @@ def _eval_estimates(log_z_state, policy_logp: Array, ref_logp: Array, log_potent
     return dict(metrics.divergence_estimates(policy_logp, log_P, log_Z, ref_logp), log_Z=jnp.mean(log_Z))
 
 
+def restore_run(trainer: "Trainer", manager=None, step: Optional[int] = None) -> LMTrainState:
+    """The train state a run saved in config.workdir (the latest checkpoint, or `step`),
+    restored straight onto this trainer's mesh, which may differ from the one that saved
+    it; a fitted λ (target.json) goes back into the target's distributional terms."""
+    workdir = trainer.config.workdir
+    if manager is None and not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise FileNotFoundError(f"no checkpoints in workdir={workdir!r}: train with experiments/train.py and "
+                                "checkpoint_every > 0 first, or pass the run's --config.workdir")
+    manager = manager or checkpoint_manager(workdir)
+    steps = sorted(manager.all_steps())
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in workdir={workdir!r}: train with experiments/train.py and "
+                                "checkpoint_every > 0 first, or pass the run's --config.workdir")
+    if step is not None and step not in steps:
+        raise ValueError(f"no checkpoint of step={step} in {workdir!r}; it holds steps {steps}")
+    state = restore_checkpoint(manager, trainer.abstract_state, step)
+    target_file = os.path.join(workdir, "target.json")
+    lam = json.load(open(target_file)).get("lam") if os.path.exists(target_file) else None
+    if lam is not None:
+        for t in trainer.task.target.terms:
+            if isinstance(t, scorers.DistributionalTerm):
+                t.lam = np.asarray(lam, np.float32)
+    return state
+
+
 # --- the loop ---------------------------------------------------------------------
 
 class _Writers:
@@ -668,14 +727,7 @@ def train_and_evaluate(config, task: Optional[Task] = None, log=print) -> dict:
     if config.resume and latest is None:
         log(f"resume requested but {workdir} holds no checkpoint: starting from step 0")
     if config.resume and latest is not None:
-        # Restored straight onto this run's mesh, which may differ from the one that saved it.
-        state = restore_checkpoint(manager, trainer.abstract_state)
-        if os.path.exists(target_file):
-            lam = json.load(open(target_file)).get("lam")
-            if lam is not None:
-                for t in trainer.task.target.terms:
-                    if isinstance(t, scorers.DistributionalTerm):
-                        t.lam = np.asarray(lam, np.float32)
+        state = restore_run(trainer, manager)
         log(f"resumed from step {int(state.step)} in {workdir}")
     else:
         state = trainer.init_state()

@@ -57,6 +57,19 @@ def test_train_entry_point_on_the_lm_path(tmp_path):
     assert "samples before training" in out.stdout and "samples after training" in out.stdout
     assert "| kl_p_pi |" in out.stdout
     assert (tmp_path / "metrics.png").stat().st_size > 5_000 and (tmp_path / "summary.md").exists()
+    # The run's checkpoint, sampled beside the base model.
+    out = subprocess.run(
+        [sys.executable, "experiments/sample.py", "--config=configs/smollm2_sentiment.py:smoke",
+         f"--config.workdir={tmp_path}", "--prompt=Describe your morning.", "--num_samples=2",
+         f"--out={tmp_path / 'samples.jsonl'}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "## Describe your morning." in out.stdout and "[policy step 4] score" in out.stdout
+    records = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [(r["model"], r["step"]) for r in records] == [("base", 0)] * 2 + [("policy", 4)] * 2
+    out = subprocess.run([sys.executable, "experiments/sample.py", "--config=configs/smollm2_sentiment.py:smoke",
+                          f"--config.workdir={tmp_path / 'none'}"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode != 0 and "no checkpoints in workdir=" in out.stderr
 
 
 def _run_tiny_benchmark(script, out_dir, *flags):

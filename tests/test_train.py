@@ -157,6 +157,53 @@ def test_target_fields_checked_for_their_kind():
         train.validate(gender)
 
 
+def test_restore_run_and_generate(tmp_path):
+    """A run's checkpoints restore as saved (latest or a named step); generate samples
+    num_samples completions per prompt, in order, with teacher-forced log-probs."""
+    out = train.train_and_evaluate(smoke(smollm2_sentiment, tmp_path), log=lambda s: None)
+    trainer = out["trainer"]
+    latest = train.restore_run(trainer)
+    for a, b in zip(jax.tree.leaves(out["state"]), jax.tree.leaves(latest)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(train.restore_run(trainer, step=2).step) == 2
+    with pytest.raises(ValueError, match=r"no checkpoint of step=3 in .* it holds steps \[2, 4\]"):
+        train.restore_run(trainer, step=3)
+    with pytest.raises(FileNotFoundError, match="no checkpoints in workdir=.*nowhere"):
+        train.restore_run(train.Trainer(smoke(smollm2_sentiment, tmp_path / "nowhere")))
+
+    prompts, key = ["Describe your morning.", "Hi"], jax.random.PRNGKey(5)
+    records = trainer.generate(latest.params, prompts, key, num_samples=3)
+    assert [r["prompt"] for r in records] == [prompts[0]] * 3 + [prompts[1]] * 3
+    assert records == trainer.generate(latest.params, prompts, key, num_samples=3)  # the key decides
+    texts = [r["completion"] for r in records]
+    np.testing.assert_allclose([r["score"] for r in records], trainer.task.target.score(texts), rtol=1e-6)
+    np.testing.assert_allclose([r["log_potential"] for r in records], trainer.task.target.log_potential(texts),
+                               rtol=1e-6)
+    assert all(math.isfinite(r["policy_logp"]) and r["policy_logp"] < 0 for r in records)
+    assert any(r["policy_logp"] != r["ref_logp"] for r in records)  # trained: π differs from a
+    for r in trainer.generate(trainer.task.ref_params, prompts, key, num_samples=1):
+        assert r["policy_logp"] == r["ref_logp"]
+    with pytest.raises(ValueError, match="num_samples=0"):
+        trainer.generate(latest.params, prompts, key, num_samples=0)
+
+
+def test_generate_pads_to_whole_batch_shards(tmp_path):
+    """3 completions on a mesh that splits the batch 8 ways: padded to 8, 3 returned, the same
+    texts as on one device."""
+    one = train.Trainer(smoke(smollm2_word, tmp_path / "one"))
+    eight = train.Trainer(smoke(smollm2_word, tmp_path / "eight", mesh=dict(shape=(-1, 1, 1)), batch_size=8,
+                                eval_batch_size=8))
+    assert train.sharding.batch_shards(eight.mesh, eight.rules) == 8
+    key = jax.random.PRNGKey(0)
+    a = one.generate(one.task.ref_params, ["Hi", "Tell me a story.", "Why?"], key)
+    b = eight.generate(eight.task.ref_params, ["Hi", "Tell me a story.", "Why?"], key)
+    assert len(a) == len(b) == 3
+    assert [r["prompt"] for r in b] == ["Hi", "Tell me a story.", "Why?"]
+    for x, y in zip(a, b):
+        assert x["completion"] == y["completion"]
+        assert x["policy_logp"] == pytest.approx(y["policy_logp"], abs=1e-3)
+
+
 def test_step_zero_estimates_use_a_real_log_z(tmp_path):
     """Before any step the running Ẑ is empty; evaluation must still estimate it."""
     trainer = train.Trainer(smoke(smollm2_sentiment, tmp_path, eval_batch_size=8))
