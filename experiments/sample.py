@@ -40,7 +40,7 @@ def sample_run(config, prompts, num_samples: int, step=None, base_only: bool = F
     key = jax.random.PRNGKey(seed)
     models = [("base", 0, trainer.task.ref_params)]
     if not base_only:
-        state = train.restore_run(trainer, step=step)
+        state = train.restore_run(trainer, step=step, params_only=True)
         models.append(("policy", int(state.step), state.params))
     records = []
     for i, (name, at, params) in enumerate(models):

@@ -9,8 +9,9 @@ comes back on 1 device or on a 2×4 mesh, each array resharded as it is read.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
+import jax
 import orbax.checkpoint as ocp
 
 
@@ -32,3 +33,25 @@ def restore_checkpoint(manager, abstract_state: Any, step: Optional[int] = None)
     if step is None:
         raise FileNotFoundError(f"no checkpoint to resume from in {manager.directory}")
     return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+
+def restore_fields(manager, abstract_state: Any, fields: Sequence[str], step: Optional[int] = None) -> Any:
+    """Only `fields` of a NamedTuple state (e.g. ("params", "step")), read from the checkpoint
+    at `step` (default: the latest) as `abstract_state` lays them out; the other fields come
+    back as None and are never read (a policy to sample needs no optimiser moments)."""
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint to restore from in {manager.directory}")
+    unknown = set(fields) - set(abstract_state._fields)
+    if unknown:
+        raise ValueError(f"unknown state fields {sorted(unknown)}; the state has {abstract_state._fields}")
+    is_placeholder = lambda x: x is ocp.PLACEHOLDER  # noqa: E731
+    skipped = {name: jax.tree.map(lambda _: ocp.PLACEHOLDER, getattr(abstract_state, name))
+               for name in abstract_state._fields if name not in fields}
+    item = abstract_state._replace(**skipped)
+    restore_args = jax.tree.map(lambda x: x if is_placeholder(x) else ocp.ArrayRestoreArgs(sharding=x.sharding),
+                                item, is_leaf=is_placeholder)
+    path = os.path.join(str(manager.directory), str(step), "default")  # StandardSave's item in the step
+    restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(item=item,
+                                                                                  restore_args=restore_args))
+    return restored._replace(**{name: None for name in skipped})

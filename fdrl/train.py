@@ -31,7 +31,7 @@ from flax import nnx
 
 from fdrl import data, divergences, estimators, host_memory, metrics, optim, ppo, sampling, scorers, sharding
 from fdrl.config_checks import check_choice, check_float_dtype, check_int, check_number
-from fdrl.checkpoint import checkpoint_manager, restore_checkpoint, save_checkpoint
+from fdrl.checkpoint import checkpoint_manager, restore_checkpoint, restore_fields, save_checkpoint
 from fdrl.losses import fdpg_loss
 from fdrl.optim import make_optimizer
 from fdrl.models import gguf_loader, llama, quant, tokenizer as tokenizer_lib
@@ -636,10 +636,13 @@ def _eval_estimates(log_z_state, policy_logp: Array, ref_logp: Array, log_potent
     return dict(metrics.divergence_estimates(policy_logp, log_P, log_Z, ref_logp), log_Z=jnp.mean(log_Z))
 
 
-def restore_run(trainer: "Trainer", manager=None, step: Optional[int] = None) -> LMTrainState:
+def restore_run(trainer: "Trainer", manager=None, step: Optional[int] = None,
+                params_only: bool = False) -> LMTrainState:
     """The train state a run saved in config.workdir (the latest checkpoint, or `step`),
     restored straight onto this trainer's mesh, which may differ from the one that saved
-    it; a fitted λ (target.json) goes back into the target's distributional terms."""
+    it; a fitted λ (target.json) goes back into the target's distributional terms. With
+    params_only, only params and step are read (the rest is None): a policy to sample,
+    without the optimiser's moments (for SmolLM2 0.8 GB less)."""
     workdir = trainer.config.workdir
     if manager is None and not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise FileNotFoundError(f"no checkpoints in workdir={workdir!r}: train with experiments/train.py and "
@@ -651,7 +654,8 @@ def restore_run(trainer: "Trainer", manager=None, step: Optional[int] = None) ->
                                 "checkpoint_every > 0 first, or pass the run's --config.workdir")
     if step is not None and step not in steps:
         raise ValueError(f"no checkpoint of step={step} in {workdir!r}; it holds steps {steps}")
-    state = restore_checkpoint(manager, trainer.abstract_state, step)
+    state = (restore_fields(manager, trainer.abstract_state, ("params", "step"), step) if params_only
+             else restore_checkpoint(manager, trainer.abstract_state, step))
     target_file = os.path.join(workdir, "target.json")
     lam = json.load(open(target_file)).get("lam") if os.path.exists(target_file) else None
     if lam is not None:

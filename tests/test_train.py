@@ -166,6 +166,12 @@ def test_restore_run_and_generate(tmp_path):
     for a, b in zip(jax.tree.leaves(out["state"]), jax.tree.leaves(latest)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert int(train.restore_run(trainer, step=2).step) == 2
+    light = train.restore_run(trainer, params_only=True)  # the moments are never read
+    assert int(light.step) == 4 and light.opt_state is None and light.log_z is None
+    for a, b in zip(jax.tree.leaves(out["state"].params), jax.tree.leaves(light.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match=r"unknown state fields \['weights'\]"):
+        train.restore_fields(train.checkpoint_manager(str(tmp_path)), trainer.abstract_state, ("weights",))
     with pytest.raises(ValueError, match=r"no checkpoint of step=3 in .* it holds steps \[2, 4\]"):
         train.restore_run(trainer, step=3)
     with pytest.raises(FileNotFoundError, match="no checkpoints in workdir=.*nowhere"):
