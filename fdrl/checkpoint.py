@@ -29,19 +29,22 @@ def save_checkpoint(manager, state: Any) -> None:
 
 def restore_checkpoint(manager, abstract_state: Any, step: Optional[int] = None) -> Any:
     """The state at `step` (default: the latest), laid out as `abstract_state` says."""
+    step = _step_or_latest(manager, step)
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+
+def _step_or_latest(manager, step: Optional[int]) -> int:
     step = manager.latest_step() if step is None else step
     if step is None:
-        raise FileNotFoundError(f"no checkpoint to resume from in {manager.directory}")
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        raise FileNotFoundError(f"no checkpoint to restore from in {manager.directory}")
+    return step
 
 
 def restore_fields(manager, abstract_state: Any, fields: Sequence[str], step: Optional[int] = None) -> Any:
     """Only `fields` of a NamedTuple state (e.g. ("params", "step")), read from the checkpoint
     at `step` (default: the latest) as `abstract_state` lays them out; the other fields come
     back as None and are never read (a policy to sample needs no optimiser moments)."""
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint to restore from in {manager.directory}")
+    step = _step_or_latest(manager, step)
     unknown = set(fields) - set(abstract_state._fields)
     if unknown:
         raise ValueError(f"unknown state fields {sorted(unknown)}; the state has {abstract_state._fields}")

@@ -174,12 +174,18 @@ def build_task(config, mesh=None, rules=None) -> Task:
     shardings = None if mesh is None else functools.partial(sharding.param_shardings, mesh=mesh, rules=rules)
     graphdef, ref_params, model_config, tok = build_model(config, shardings)
     prompts = data.load_prompts(config.prompts, limit=config.get("num_prompts") or None)
-    system = config.get("system_prompt") or None
-    texts = [tokenizer_lib.chat_prompt(p, system=system) if config.chat_template else p for p in prompts]
     sampler = make_sampler(config, graphdef, model_config, tok, mesh, rules)
-    prompt_tokens, prompt_valid = sampler.pad(tok.encode_batch(texts))
+    prompt_tokens, prompt_valid = encode_prompts(config, tok, sampler, prompts)
     return Task(graphdef, ref_params, model_config, tok, prompts, prompt_tokens, prompt_valid,
                 build_target(config), sampler)
+
+
+def encode_prompts(config, tok, sampler: Sampler, prompts) -> tuple[np.ndarray, np.ndarray]:
+    """User prompts as the sampler's left-padded ([K, P] tokens, valid), in the config's chat
+    template and system prompt (chat_template=False: the texts as they are)."""
+    system = config.get("system_prompt") or None
+    texts = [tokenizer_lib.chat_prompt(p, system=system) if config.chat_template else p for p in prompts]
+    return sampler.pad(tok.encode_batch(texts))
 
 
 def make_sampler(config, graphdef, model_config, tok, mesh=None, rules=None) -> Sampler:
@@ -495,10 +501,13 @@ class Trainer:
         return prompt, valid, out, ctx_ids
 
     def _sampler_args(self, ctx: np.ndarray, key: Array):
+        prompt, valid, ctx_ids = self.shard_batch(self.task.prompt_tokens[ctx], self.task.prompt_valid[ctx], ctx)
+        return prompt, valid, self._replicated_key(key), ctx_ids
+
+    def _replicated_key(self, key: Array) -> Array:
         # A key made on the host and one split from the train state (replicated over the
         # mesh) differ in sharding: the sampler would compile once for each.
-        prompt, valid, ctx_ids = self.shard_batch(self.task.prompt_tokens[ctx], self.task.prompt_valid[ctx], ctx)
-        return prompt, valid, jax.device_put(key, sharding.replicated(self.mesh)), ctx_ids
+        return jax.device_put(key, sharding.replicated(self.mesh))
 
     def compile(self) -> None:
         """Compiles what a run calls (the update, the sampler at the training and evaluation
@@ -541,15 +550,13 @@ class Trainer:
         if not prompts or num_samples < 1:
             raise ValueError(f"generate needs prompts and num_samples >= 1, got {len(prompts)} prompts and "
                              f"num_samples={num_samples}")
-        c, tok = self.config, self.task.tokenizer
-        system = c.get("system_prompt") or None
-        texts = [tokenizer_lib.chat_prompt(p, system=system) if c.chat_template else p for p in prompts]
-        tokens, valid = self.task.sampler.pad(tok.encode_batch(texts))
+        c = self.config
+        tokens, valid = encode_prompts(c, self.task.tokenizer, self.task.sampler, prompts)
         rows = np.repeat(np.arange(len(prompts)), num_samples)
         shards = sharding.batch_shards(self.mesh, self.rules)
         padded = np.concatenate([rows, np.full(-len(rows) % shards, rows[-1])])  # whole batch shards
         prompt, prompt_valid = self.shard_batch(tokens[padded], valid[padded])
-        out = self.task.sampler(params, prompt, prompt_valid, jax.device_put(key, sharding.replicated(self.mesh)),
+        out = self.task.sampler(params, prompt, prompt_valid, self._replicated_key(key),
                                 temperature=c.temperature if temperature is None else temperature,
                                 top_p=c.top_p if top_p is None else top_p)
         completions = self.decode(out)[:len(rows)]
@@ -644,13 +651,12 @@ def restore_run(trainer: "Trainer", manager=None, step: Optional[int] = None,
     params_only, only params and step are read (the rest is None): a policy to sample,
     without the optimiser's moments (for SmolLM2 0.8 GB less)."""
     workdir = trainer.config.workdir
-    if manager is None and not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        raise FileNotFoundError(f"no checkpoints in workdir={workdir!r}: train with experiments/train.py and "
-                                "checkpoint_every > 0 first, or pass the run's --config.workdir")
-    manager = manager or checkpoint_manager(workdir)
-    steps = sorted(manager.all_steps())
+    # No manager for a workdir without checkpoints: making one would create its folders.
+    if manager is None and os.path.isdir(os.path.join(workdir, "checkpoints")):
+        manager = checkpoint_manager(workdir)
+    steps = sorted(manager.all_steps()) if manager is not None else []
     if not steps:
-        raise FileNotFoundError(f"no checkpoint in workdir={workdir!r}: train with experiments/train.py and "
+        raise FileNotFoundError(f"no checkpoints in workdir={workdir!r}: train with experiments/train.py and "
                                 "checkpoint_every > 0 first, or pass the run's --config.workdir")
     if step is not None and step not in steps:
         raise ValueError(f"no checkpoint of step={step} in {workdir!r}; it holds steps {steps}")
