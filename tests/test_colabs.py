@@ -1,6 +1,7 @@
 """The notebooks run top to bottom (smoke settings) and are committed without outputs."""
 
 import os
+import re
 
 import nbformat
 import pytest
@@ -35,6 +36,12 @@ def test_notebook_runs(name):
     nb = run_notebook(name)
     images = sum(1 for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {}))
     assert images >= 2
+    if name.startswith("01"):
+        # The QRS cell: keeping 10% of a proposal's draws brings it closer to p (TV(p, p_β) ≤ TV(p, q)).
+        text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+        rows = re.findall(r"q = (\S+): TV\(p, q\) = ([0-9.]+); keeping 10% of its draws, TV\(p, p_β\) = ([0-9.]+)", text)
+        assert len(rows) >= 4 and rows[0][0] == "a", text[-2000:]
+        assert all(float(tv_beta) < float(tv_q) for _, tv_q, tv_beta in rows), rows
 
 
 @pytest.mark.slow

@@ -70,6 +70,22 @@ def test_train_entry_point_on_the_lm_path(tmp_path):
                           f"--config.workdir={tmp_path / 'none'}"], cwd=ROOT, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode != 0 and "no checkpoints in workdir=" in out.stderr
+    # Quasi-rejection sampling of p, with a and the run's policy as proposals.
+    out = subprocess.run(
+        [sys.executable, "experiments/sample.py", "--config=configs/smollm2_sentiment.py:smoke",
+         f"--config.workdir={tmp_path}", "--prompt=Describe your morning.", "--num_samples=2", "--qrs_acceptance=0.5",
+         "--qrs_pilot=8", "--qrs_batch=8", "--qrs_max_draws=16", f"--out={tmp_path / 'qrs.jsonl'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| base step 0 |")
+            or line.startswith("| policy step 4 |")]
+    assert len(rows) == 2 and all(" | Describe your morning. | " in r and "nan" not in r for r in rows), out.stdout
+    records = [json.loads(line) for line in (tmp_path / "qrs.jsonl").read_text().splitlines()]
+    assert records and all("qrs_log_beta" in r for r in records)
+    assert all(sum(r["model"] == m for r in records) <= 2 for m in ("base", "policy"))
+    out = subprocess.run([sys.executable, "experiments/sample.py", "--config=configs/smollm2_sentiment.py:smoke",
+                          "--qrs_acceptance=1.5"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0 and "--qrs_acceptance=1.5 must be in (0, 1]" in out.stderr
 
 
 def _run_tiny_benchmark(script, out_dir, *flags):
