@@ -15,3 +15,19 @@ for path in (ROOT, os.path.join(ROOT, "experiments")):
 import tempfile  # noqa: E402
 
 os.environ.setdefault("FDRL_DATA_DIR", tempfile.mkdtemp(prefix="fdrl_tfds_"))
+
+# One XLA compilation cache for the test session (subprocesses inherit it): many tests build the
+# same smoke trainer, and each of its functions is then compiled once, not per test
+# (`make test` in a clean clone on a 2-core AMD host: 11:56 against 14:39 and 16:20 without it).
+# Set JAX_COMPILATION_CACHE_DIR yourself to keep a cache across sessions.
+_XLA_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _XLA_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="fdrl_xla_cache_")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _XLA_CACHE is not None:
+        import shutil
+
+        shutil.rmtree(_XLA_CACHE, ignore_errors=True)
