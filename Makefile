@@ -36,7 +36,7 @@ bench: install
 	$(BIN)/python experiments/aot_compile.py
 
 test: install
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow" -q --durations=15  # the slowest, to keep the run under 15 min
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow -q
