@@ -57,6 +57,30 @@ def _check_shapes(log_P, proposal_logp, log_mass=None):
     return log_P, proposal_logp, log_mass
 
 
+def _weights(log_P, proposal_logp, log_mass):
+    """Per point [B]: log w = log P/q; log(m·w), p's unnormalised mass under the weighting m
+    (P when m = q, including where q = 0); whether P > 0; whether q can draw it (m > 0)."""
+    # A point with mass under the weighting but q = 0 and P > 0 cannot be a draw of q (its
+    # weight P/q is infinite). Named where the values are known; under jit it is the caller's.
+    if not any(isinstance(x, jax.core.Tracer) for x in (log_P, proposal_logp, log_mass)):
+        bad = np.flatnonzero(np.asarray((proposal_logp == -jnp.inf) & (log_P > -jnp.inf) & (log_mass > -jnp.inf)))
+        if bad.size:
+            raise ValueError(f"proposal_logp is -inf where log_P is not, at indices {bad[:8].tolist()}: draws of q "
+                             "have q > 0 (an enumerated support with q = 0 there needs log_mass = proposal_logp)")
+    log_w = log_target_weights(log_P, proposal_logp)
+    in_support = log_P > -jnp.inf
+    drawable = log_mass > -jnp.inf
+    # m·w as log m + log w, the sum that m·min(w, β) repeats (p_β = p exactly once β ≥ w); P
+    # itself where m = q = 0: p's mass that no draw of q can reach.
+    log_p_unnorm = jnp.where(drawable, log_mass + log_w, jnp.where(in_support, log_P, -jnp.inf))
+    return log_w, log_p_unnorm, in_support, drawable
+
+
+def _log_capped(log_w, log_mass, drawable, log_beta):
+    """log(m·min(w, β)) [B]: p_β's unnormalised mass, none where q cannot draw."""
+    return jnp.where(drawable, log_mass + jnp.minimum(log_w, log_beta), -jnp.inf)
+
+
 def _check_log_beta(log_beta):
     if isinstance(log_beta, (int, float)) and math.isnan(log_beta):
         raise ValueError("log_beta must be a number (±inf allowed), got nan")
@@ -71,8 +95,8 @@ def log_acceptance(log_P: Array, proposal_logp: Array, log_beta) -> Array:
     log_P, proposal_logp, _ = _check_shapes(log_P, proposal_logp)
     log_beta = _check_log_beta(log_beta)
     log_w = log_target_weights(log_P, proposal_logp)
-    # where, not a bare difference: −inf − (−inf) would be nan.
-    return jnp.where(log_w == -jnp.inf, -jnp.inf, jnp.minimum(0.0, log_w - log_beta))
+    # where, not a bare difference: −inf − (−inf) or inf − inf would be nan.
+    return jnp.where(log_w == -jnp.inf, -jnp.inf, jnp.where(log_w == jnp.inf, 0.0, jnp.minimum(0.0, log_w - log_beta)))
 
 
 def accept(key: Array, log_P: Array, proposal_logp: Array, log_beta) -> Array:
@@ -95,27 +119,37 @@ def diagnostics(log_P: Array, proposal_logp: Array, log_beta, log_mass: Optional
     each point's probability under q; default −log B (B draws of q). On an enumerable
     space, pass the whole support and log_mass = proposal_logp for the exact values.
     When no draw has P > 0 there is no evidence of p: everything but log_Z (−inf) is 0.
+    An enumerated support where q = 0 < P (a truncated policy) holds mass of p that QRS
+    never reaches: the TVs count it, and KL(p‖p_β) and KL(p‖q) are +inf.
     """
     log_P, proposal_logp, log_mass = _check_shapes(log_P, proposal_logp, log_mass)
     log_beta = _check_log_beta(log_beta)
-    log_w = log_target_weights(log_P, proposal_logp)
-    in_support = log_w > -jnp.inf
-    # Below the smallest w on p's support every β gives the same p_β (q on the support)
+    log_w, log_p_unnorm, in_support, drawable = _weights(log_P, proposal_logp, log_mass)
+    reachable = in_support & drawable
+    # Below the smallest w that q can reach every β gives the same p_β (q on p's support)
     # and the same AR; clamping there keeps β → 0 finite.
-    lowest = jnp.min(jnp.where(in_support, log_w, jnp.inf))
-    log_beta = jnp.maximum(log_beta, jnp.where(jnp.any(in_support), lowest, 0.0))
-    log_capped = jnp.minimum(log_w, log_beta)  # log min(w, β)
-    log_Z = jax.nn.logsumexp(log_mass + log_w)
-    log_Z_beta = jax.nn.logsumexp(log_mass + log_capped)
+    lowest = jnp.min(jnp.where(reachable, log_w, jnp.inf))
+    log_beta = jnp.maximum(log_beta, jnp.where(jnp.any(reachable), lowest, 0.0))
+    log_capped = _log_capped(log_w, log_mass, drawable, log_beta)
+    log_Z = jax.nn.logsumexp(log_p_unnorm)
+    log_Z_beta = jax.nn.logsumexp(log_capped)
     found = log_Z > -jnp.inf
     safe = lambda x: jnp.where(found, x, 0.0)  # noqa: E731  (no evidence: no nan from −inf − (−inf))
-    p_mass = jnp.exp(log_mass + log_w - safe(log_Z))  # p's mass on each draw; sums to 1
-    p_beta_mass = jnp.exp(log_mass + log_capped - safe(log_Z_beta))
+    p_mass = jnp.exp(log_p_unnorm - safe(log_Z))  # p's mass on each point; sums to 1
+    # No reachable point: QRS keeps nothing, p_β has no mass (and AR is 0).
+    p_beta_mass = jnp.exp(log_capped - jnp.where(log_Z_beta > -jnp.inf, log_Z_beta, 0.0))
     q_mass = jnp.exp(log_mass)
-    # log(p/p_β) on p's support; 0 elsewhere, where p has no mass to weigh it.
-    log_ratio_beta = jnp.where(in_support, log_w - log_capped, 0.0) + safe(log_Z_beta - log_Z)
-    log_ratio_q = jnp.where(in_support, log_w, 0.0) - safe(log_Z)
-    kl = lambda log_ratio: jnp.maximum(jnp.sum(jnp.where(in_support, p_mass * log_ratio, 0.0)), 0.0)  # noqa: E731
+    # log(p/p_β), log(p/q) on p's support (+inf where the second has no mass); 0 elsewhere,
+    # where p has no mass to weigh it.
+    log_ratio_beta = jnp.where(log_capped > -jnp.inf, log_w - jnp.minimum(log_w, log_beta) + safe(log_Z_beta - log_Z),
+                               jnp.inf)
+    log_ratio_q = jnp.where(drawable, log_w - safe(log_Z), jnp.inf)
+
+    def kl(log_ratio):  # Σ p log(p/·): +inf when p has mass where · has none
+        finite = in_support & (log_ratio < jnp.inf)
+        total = jnp.maximum(jnp.sum(jnp.where(finite, p_mass * jnp.where(finite, log_ratio, 0.0), 0.0)), 0.0)
+        return jnp.where(jnp.any(in_support & ~finite), jnp.inf, total)
+
     return dict(
         acceptance_rate=safe(jnp.exp(jnp.minimum(log_Z_beta - log_beta, 0.0))),
         tv=safe(0.5 * jnp.sum(jnp.abs(p_mass - p_beta_mass))),
@@ -142,12 +176,12 @@ def log_beta_for_acceptance(log_P: Array, proposal_logp: Array, acceptance_rate,
         raise ValueError(f"acceptance_rate must be in (0, 1], got {acceptance_rate}")
     log_P, proposal_logp, log_mass = _check_shapes(log_P, proposal_logp, log_mass)
     log_target = jnp.log(jnp.asarray(acceptance_rate, jnp.float32))
-    log_w = log_target_weights(log_P, proposal_logp)
-    in_support = log_w > -jnp.inf
+    log_w, _, in_support, drawable = _weights(log_P, proposal_logp, log_mass)
+    in_support = in_support & drawable  # the rate counts what q can draw
     lo = jnp.min(jnp.where(in_support, log_w, jnp.inf))
-    hi = jnp.max(log_w)
-    log_Z = jax.nn.logsumexp(log_mass + log_w)
-    log_rate = lambda lb: jax.nn.logsumexp(log_mass + jnp.minimum(log_w, lb)) - lb  # noqa: E731
+    hi = jnp.max(jnp.where(in_support, log_w, -jnp.inf))
+    log_Z = jax.nn.logsumexp(_log_capped(log_w, log_mass, in_support, jnp.inf))  # Z over what q can draw
+    log_rate = lambda lb: jax.nn.logsumexp(_log_capped(log_w, log_mass, drawable, lb)) - lb  # noqa: E731
 
     def halve(_, bounds):
         lo, hi = bounds

@@ -198,3 +198,41 @@ def test_sample_until_stops_at_the_count_or_the_budget():
     assert again.accepted == out.accepted
     capped = qrs.sample_until(draw, jax.random.PRNGKey(0), 1e9, num_accepted=5, max_draws=100)
     assert capped.accepted == [] and len(capped.log_P) == 128
+
+
+@pytest.mark.parametrize("log_beta", [-math.inf, -1.0, 0.5, 3.0, math.inf])
+def test_a_proposal_with_holes_in_p_support_is_exact_and_never_nan(log_beta):
+    """An enumerated q that is 0 where P > 0 (a truncated policy): QRS never reaches that mass
+    of p. The TVs count it, the KLs are +inf, AR and β count what q can draw; no nan."""
+    P = np.array([0.1, 0.4, 0.2, 0.3, 0.0])
+    q = np.array([0.5, 0.0, 0.3, 0.0, 0.2])
+    with np.errstate(divide="ignore"):
+        log_P, log_q = np.log(P).astype(np.float32), np.log(q).astype(np.float32)
+    d = qrs.diagnostics(log_P, log_q, log_beta, log_mass=log_q)
+    assert not any(bool(jnp.isnan(v)) for v in d.values()), d
+    beta = min(max(math.exp(log_beta), 0.1 / 0.5), 1e30)  # clamped below at the smallest reachable w
+    capped = np.minimum(P, beta * q)
+    p = P / P.sum()
+    assert float(d["log_Z"]) == pytest.approx(math.log(P.sum()), abs=1e-6)
+    assert float(d["tv_p_q"]) == pytest.approx(0.5 * np.abs(p - q).sum(), abs=1e-6)
+    assert float(d["tv"]) == pytest.approx(0.5 * np.abs(p - capped / capped.sum()).sum(), abs=1e-6)
+    assert float(d["acceptance_rate"]) == pytest.approx(capped.sum() / beta, rel=1e-5)
+    assert float(d["kl_p_q"]) == math.inf and float(d["kl_p_pbeta"]) == math.inf
+    assert float(d["support"]) == pytest.approx(0.8)
+    log_accept = qrs.log_acceptance(log_P, log_q, log_beta)
+    assert not bool(jnp.any(jnp.isnan(log_accept))) and bool(jnp.all(log_accept <= 0.0))
+    # β for a rate, over what q can draw (P·1[q > 0] sums to 0.3, its most is 0.8).
+    for rate in (0.5, 0.1):
+        got = qrs.diagnostics(log_P, log_q, qrs.log_beta_for_acceptance(log_P, log_q, rate, log_mass=log_q),
+                              log_mass=log_q)["acceptance_rate"]
+        assert float(got) == pytest.approx(rate, rel=1e-4)
+    # Nothing q can draw lies in p's support: QRS keeps nothing, p_β has no mass.
+    none = qrs.diagnostics(log_P[[1, 3, 4]], log_q[[1, 3, 4]], log_beta, log_mass=log_q[[1, 3, 4]])
+    assert float(none["acceptance_rate"]) == 0.0 and float(none["tv"]) == pytest.approx(0.5)
+    assert not any(bool(jnp.isnan(v)) for v in none.values()), none
+
+
+def test_a_draw_with_q_zero_is_named():
+    """Draws of q have q > 0: log q = −inf where P > 0 among draws is bad input, named."""
+    with pytest.raises(ValueError, match=r"proposal_logp is -inf where log_P is not, at indices \[1\]"):
+        qrs.diagnostics(jnp.array([0.0, -1.0, -jnp.inf]), jnp.array([-1.0, -jnp.inf, -jnp.inf]), 0.0)
