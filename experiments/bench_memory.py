@@ -94,7 +94,7 @@ def main(argv):
         f"on-policy js", "",
         f"Command: `python experiments/bench_memory.py --model={_MODEL.value}`", "",
         f"jax {jax.__version__}, {os.cpu_count()} cores; remat {config.remat}, quantized_reference "
-        f"{config.quantized_reference} (SmolLM2 only). GB = 10⁹ bytes.", "",
+        f"{config.quantized_reference} (SmolLM2 only). GB = 10⁹ bytes.{common.heap_note()}", "",
         common.markdown_table(["phase", "peak GB", "resident after, GB"], rows), "",
         f"XLA's memory analysis of the update (`compile().memory_analysis()`): arguments "
         f"{plan.argument_size_in_bytes / 1e9:.2f} GB (reference, train state, batch), temporaries "

@@ -116,7 +116,7 @@ def main(argv):
         "", "Command: `python experiments/bench_sampler.py`", "",
         f"Same machine, same run: {os.cpu_count()} CPU cores; jax {jax.__version__}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}. Temperature 1, EOS disabled, median of {_REPEATS.value} after a warm-up; "
-        f"column_blocks {_BLOCKS.value or 'automatic (sampling.auto_column_blocks)'}.",
+        f"column_blocks {_BLOCKS.value or 'automatic (sampling.auto_column_blocks)'}.{common.heap_note()}",
         "",
         "fdrl with its decode layers kept (`Sampler.decode_layers`, made once like the reference's loaded "
         "model: repeated sampling with fixed weights), and made in every call (the trainer's sampling, whose "

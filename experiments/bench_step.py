@@ -316,6 +316,7 @@ def main(argv):
              + ("" if _DTYPE.value == "float32" else "(float32 results) ")
              + f"= {peak_flops / 1e9:.1f} GFLOP/s, the highest of "
              f"{rates_text} GFLOP/s measured before the trainer steps, after them and after the parts (same run)."
+             + common.heap_note()
              + ("" if _DTYPE.value == "float32" else
                 f" A 2048³ float32 matmul ran at {f32_rate / 1e9:.1f} GFLOP/s (highest of 3, same run): the whole "
                 f"step reached {total_flops / t_step / f32_rate:.0%} of that."), ""]

@@ -37,6 +37,14 @@ def speedup_verdict(ratios: dict, target: float) -> str:
     return f"{'met' if all(r >= target for r in ratios.values()) else 'not met'} ({shown})"
 
 
+def heap_note(environ=os.environ) -> str:
+    """A sentence naming the C heap's tunables when the run set any (GLIBC_TUNABLES, e.g.
+    glibc.malloc.hugetlb=1: 2 MiB pages for XLA's buffers), so that a report taken with
+    them is not read as a default run; "" otherwise."""
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    return f" C heap: GLIBC_TUNABLES={tunables} (not a default)." if tunables else ""
+
+
 def write_results(out_dir: str, name: str, report: str, data=None) -> None:
     """Prints a markdown report and writes it to <out_dir>/<name>.md (and `data` to <name>.json)."""
     print(report)

@@ -131,3 +131,10 @@ def test_speedup_verdict_judges_unrounded_ratios():
     assert common.speedup_verdict({"batch 16": 1.4954, "batch 64": 1.58}, 1.5) == \
         "not met (batch 16 1.495×, batch 64 1.580×)"
     assert common.speedup_verdict({"batch 16": 1.5, "batch 64": 1.58}, 1.5).startswith("met (")
+
+
+def test_heap_note_names_tunables_only_when_set():
+    import common
+    assert common.heap_note({}) == ""
+    assert common.heap_note({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}) == \
+        " C heap: GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (not a default)."
