@@ -57,16 +57,25 @@ def _check_shapes(log_P, proposal_logp, log_mass=None):
     return log_P, proposal_logp, log_mass
 
 
+def _name_impossible_draws(impossible) -> None:
+    """Raises, naming the indices, where `impossible` [B] (a bool mask) has any True."""
+    bad = np.flatnonzero(np.asarray(impossible))
+    if bad.size:
+        raise ValueError(f"proposal_logp is -inf where log_P is not, at indices {bad[:8].tolist()}: draws of q "
+                         "have q > 0 (an enumerated support with q = 0 there needs log_mass = proposal_logp)")
+
+
 def _weights(log_P, proposal_logp, log_mass):
     """Per point [B]: log w = log P/q; log(m·w), p's unnormalised mass under the weighting m
     (P when m = q, including where q = 0); whether P > 0; whether q can draw it (m > 0)."""
     # A point with mass under the weighting but q = 0 and P > 0 cannot be a draw of q (its
-    # weight P/q is infinite). Named where the values are known; under jit it is the caller's.
-    if not any(isinstance(x, jax.core.Tracer) for x in (log_P, proposal_logp, log_mass)):
-        bad = np.flatnonzero(np.asarray((proposal_logp == -jnp.inf) & (log_P > -jnp.inf) & (log_mass > -jnp.inf)))
-        if bad.size:
-            raise ValueError(f"proposal_logp is -inf where log_P is not, at indices {bad[:8].tolist()}: draws of q "
-                             "have q > 0 (an enumerated support with q = 0 there needs log_mass = proposal_logp)")
+    # weight P/q is infinite). Named at once where the values are known; under jit by a host
+    # callback, whose ValueError surfaces in the runtime error when the result is computed.
+    impossible = (proposal_logp == -jnp.inf) & (log_P > -jnp.inf) & (log_mass > -jnp.inf)
+    if any(isinstance(x, jax.core.Tracer) for x in (log_P, proposal_logp, log_mass)):
+        jax.debug.callback(_name_impossible_draws, impossible)
+    else:
+        _name_impossible_draws(impossible)
     log_w = log_target_weights(log_P, proposal_logp)
     in_support = log_P > -jnp.inf
     drawable = log_mass > -jnp.inf

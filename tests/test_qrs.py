@@ -236,3 +236,17 @@ def test_a_draw_with_q_zero_is_named():
     """Draws of q have q > 0: log q = −inf where P > 0 among draws is bad input, named."""
     with pytest.raises(ValueError, match=r"proposal_logp is -inf where log_P is not, at indices \[1\]"):
         qrs.diagnostics(jnp.array([0.0, -1.0, -jnp.inf]), jnp.array([-1.0, -jnp.inf, -jnp.inf]), 0.0)
+
+
+
+def test_a_draw_with_q_zero_is_named_under_jit():
+    """Under jit the values are unknown when tracing: a host callback names them when they run,
+    rather than a silent nan. Valid input under jit equals the eager answer."""
+    log_P, bad_q = jnp.array([0.0, -1.0, -jnp.inf]), jnp.array([-1.0, -jnp.inf, -jnp.inf])
+    for fn in (qrs.diagnostics, qrs.log_beta_for_acceptance):
+        with pytest.raises(Exception, match=r"proposal_logp is -inf where log_P is not, at indices \[1\]"):
+            jax.block_until_ready(jax.jit(fn)(log_P, bad_q, 0.5))
+    good_q = jnp.array([-1.0, -0.5, -jnp.inf])
+    eager, jitted = qrs.diagnostics(log_P, good_q, 0.0), jax.jit(qrs.diagnostics)(log_P, good_q, 0.0)
+    for key in eager:
+        np.testing.assert_allclose(jitted[key], eager[key], rtol=1e-6, err_msg=key)
