@@ -238,7 +238,6 @@ def test_a_draw_with_q_zero_is_named():
         qrs.diagnostics(jnp.array([0.0, -1.0, -jnp.inf]), jnp.array([-1.0, -jnp.inf, -jnp.inf]), 0.0)
 
 
-
 def test_a_draw_with_q_zero_is_named_under_jit():
     """Under jit the values are unknown when tracing: a host callback names them when they run,
     rather than a silent nan. Valid input under jit equals the eager answer."""
