@@ -64,6 +64,35 @@ def test_cached_decoding_equals_full_forward(tiny):
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_decode_step_with_transposed_weights_runs_column_major_and_equals_the_plain_layer(dtype, blocks):
+    """A decode step's layer with kept, transposed weights keeps its activations [features, B]
+    (llama._layer_columns: each product w_t @ h); it equals the plain layer on [B, 1, D]."""
+    config = llama.LlamaConfig.tiny(param_dtype=dtype, compute_dtype=dtype)
+    model = llama.Llama(config, rngs=nnx.Rngs(1))
+    group = config.num_heads // config.num_kv_heads
+
+    def attend(q, k, v):  # stands in for attention: uses q, k and v, gives [B, 1, H, hd]
+        return q * 0.5 + jnp.repeat(k * v, group, axis=2), None
+
+    x = jax.random.normal(jax.random.PRNGKey(2), (3, 1, config.hidden_dim)).astype(dtype)
+    cos, sin = llama._rotary(jnp.asarray([[2], [0], [5]]), config.head_dim, config.rope_theta, 8)
+    plain = model.unstack_layers()[0]
+    kept = model.unstack_layers(blocks, transposed=True)[0]
+    assert isinstance(kept[6], llama.TransposedWeight)
+    expected, _ = llama._layer(config, x, plain, attend, cos=cos, sin=sin)
+    columns = jax.jit(lambda x, p: llama._layer(config, x, p, attend, cos=cos, sin=sin)[0])
+    got = columns(x, kept)
+    assert got.shape == x.shape and got.dtype == x.dtype
+    tol = 1e-5 if dtype == "float32" else 3e-2
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32), atol=tol, rtol=tol)
+    # Compiled, the products take the weight [N, K] as their left operand: no [B, N] dot.
+    text = columns.lower(x, kept).compile().as_text()
+    dots = re.findall(r"= \S+\[(\d+),(\d+)\]\S* dot\(", text)
+    assert dots and all(int(cols) == 3 for _, cols in dots), dots
+
+
 def test_rotary_tables_equal_the_formula_and_leave_no_trigonometry_in_the_graph(tiny):
     config, graphdef, params = tiny
     positions = jnp.asarray([[-1, 0, 1, 7], [3, 5, 100, 6]])  # -1 and 100: padding, clamped into the table

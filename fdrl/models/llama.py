@@ -63,12 +63,13 @@ def _logits(hidden: Array, out_w: Array) -> Array:
 @dataclasses.dataclass(frozen=True)
 class TransposedWeight:
     """A layer weight w [D, F] kept as its transpose w_t [F, D], row-major
-    (`Llama.unstack_layers(transposed=True)`). Its products contract the minor axes of x
-    and w_t. For decoding's few rows, XLA's CPU library kernels run that faster than
-    x @ w: SmolLM2's decode products, 30 chained layers at 16 rows on 2 cores of an Intel
-    Xeon, 37–38 against 40–41 ms per token (an ad-hoc probe). Making the copy costs more than
-    that within one generation, so only weights kept across calls use it
-    (`Sampler.decode_layers`)."""
+    (`Llama.unstack_layers(transposed=True)`). A decode step's products are then w_t @ h
+    with activations h [D, B] (`_layer_columns`); a prefill's contract the minor axes of
+    x [B·T, D] and w_t. For decoding's few rows, XLA's CPU library kernels run either faster
+    than x @ w: SmolLM2's decode products, 30 chained layers at 16 rows on 2 cores of an Intel
+    Xeon, 37–38 against 40–41 ms per token contracting minor axes (an ad-hoc probe), and
+    w_t @ h faster again (`_layer_columns`). Making the copy costs more than that within one
+    generation, so only weights kept across calls use it (`Sampler.decode_layers`)."""
     w_t: Array
 
     def astype(self, dtype) -> "TransposedWeight":
@@ -447,11 +448,14 @@ _PRODUCT_WEIGHTS = (1, 2, 3, 4, 6, 7, 8)
 def _layer(c: LlamaConfig, x: Array, params: tuple, attend, *, cos: Array, sin: Array):
     """One decoder layer on x [B, T, D]; `attend(q, k, v)` → (attention output, extra).
     wq, wo and w_down may be tuples of column blocks (wq then holds wk and wv too, and
-    those are None), and the product weights TransposedWeights (`Llama.unstack_layers`)."""
+    those are None), and the product weights TransposedWeights (`Llama.unstack_layers`):
+    a decode step (T = 1) with those runs column-major (`_layer_columns`)."""
     cdt = jnp.dtype(c.compute_dtype)
     batch, length = x.shape[:2]
     attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down = (
         tuple(b.astype(cdt) for b in p) if isinstance(p, tuple) else p if p is None else p.astype(cdt) for p in params)
+    if length == 1 and isinstance(w_gate, TransposedWeight):  # a decode step with kept layers
+        return _layer_columns(c, x, (attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down), attend, cos=cos, sin=sin)
     h = _rms_norm(x, attn_norm, c.norm_eps)
     q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     if wk is None:  # q, k and v from one product's column blocks
@@ -470,6 +474,51 @@ def _layer(c: LlamaConfig, x: Array, params: tuple, attend, *, cos: Array, sin: 
     plain = all(isinstance(w, jax.Array) for w in (w_gate, w_up, w_down))
     x = x + (_swiglu(h, w_gate, w_up, w_down) if plain else _swiglu_fwd(h, w_gate, w_up, w_down)[0])
     return x, extra
+
+
+def _layer_columns(c: LlamaConfig, x: Array, params: tuple, attend, *, cos: Array, sin: Array):
+    """`_layer` of one decoded token x [B, 1, D] with TransposedWeights: the activations
+    between products are column-major, [features, B], and each product is w_t [N, K] @
+    h [K, B] (attention gets q, k and v as [B, 1, heads, hd]).
+
+    XLA's CPU library kernels read a product's left operand as it is and repack the right
+    one: x [B, K] @ w repacks the weight every decoded token, w_t @ h only the few columns of
+    h. SmolLM2's decode steps on 2 cores of an AMD EPYC (ad-hoc probes, alternating): 30
+    chained MLP layers at 16 rows 30-35 against 46-53 ms per token ([B, K] x [N, K]ᵀ), 32 rows
+    46-48 against 60-65; the sampler with kept layers 1.30-1.37x the tokens/s at batch 16,
+    1.06x at 32, 1.02-1.05x at 48 and 64."""
+    attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down = params
+    batch = x.shape[0]
+
+    def mm(w, h_cols):  # w (or its column blocks) [.., N, K] @ h_cols [K, B] -> [N, B]
+        if isinstance(w, tuple):
+            return jnp.concatenate([mm(b, h_cols) for b in w], axis=0)
+        return _rounded_cols(w.w_t, h_cols)
+
+    x_cols = x.reshape(batch, -1).T  # [D, B]
+    h = _rms_norm(x_cols, attn_norm[:, None], c.norm_eps, axis=0)
+    q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    # q, k and v transposed to [B, ...] as one: XLA folds a transpose of a lone product into
+    # it, which makes that product [B, K] x [K, N] again.
+    qkv_cols = mm(wq, h) if wk is None else jnp.concatenate([mm(wq, h), mm(wk, h), mm(wv, h)], axis=0)
+    q, k, v = jnp.split(qkv_cols.T, [q_width, q_width + kv_width], axis=-1)
+    q = q.reshape(batch, 1, c.num_heads, c.head_dim)
+    k = k.reshape(batch, 1, c.num_kv_heads, c.head_dim)
+    v = v.reshape(batch, 1, c.num_kv_heads, c.head_dim)
+    q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
+    attn, extra = attend(q, k, v)
+    x_cols = x_cols + mm(wo, attn.reshape(batch, -1).T)
+    h = _rms_norm(x_cols, mlp_norm[:, None], c.norm_eps, axis=0)
+    act = jax.nn.silu(mm(w_gate, h)) * mm(w_up, h)
+    x_cols = x_cols + mm(w_down, act)
+    return x_cols.T.reshape(batch, 1, -1), extra
+
+
+def _rounded_cols(w_t: Array, h_cols: Array) -> Array:
+    """w_t [N, K] @ h_cols [K, B] in h_cols' dtype (float32 results, rounded once)."""
+    if w_t.dtype == h_cols.dtype == jnp.float32:
+        return w_t @ h_cols
+    return jnp.dot(w_t, h_cols, preferred_element_type=jnp.float32).astype(h_cols.dtype)
 
 
 def _blocks_matmul(x: Array, w, matmul=_matmul) -> Array:
@@ -521,9 +570,10 @@ def _swiglu_bwd(residuals, g):
 _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
-def _rms_norm(x: Array, scale: Array, eps: float) -> Array:
+def _rms_norm(x: Array, scale: Array, eps: float, axis: int = -1) -> Array:
+    """RMSNorm of x over its features, `axis` (scale broadcast against x)."""
     x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axis, keepdims=True) + eps)
     return (normed * scale.astype(jnp.float32)).astype(x.dtype)
 
 
