@@ -93,6 +93,25 @@ def test_decode_step_with_transposed_weights_runs_column_major_and_equals_the_pl
     assert dots and all(int(cols) == 3 for _, cols in dots), dots
 
 
+@pytest.mark.parametrize("batch", [3, llama._COLUMN_LOGITS_MAX_ROWS + 1])
+def test_decode_step_logits_from_the_embedding_as_left_operand(tiny, batch):
+    """A decode step of few rows makes its tied logits as embed [V, D] @ hidden [D, B] on CPU
+    (llama._decode_logits); they equal the full forward's."""
+    config, graphdef, params = tiny
+    tokens = jax.random.randint(jax.random.PRNGKey(4), (batch, 4), 0, config.vocab_size)
+    valid = jnp.ones((batch, 4), bool)
+    full = llama.forward(graphdef, params, tokens, valid).logits[:, -1:]
+    step = jax.jit(lambda p, t, v, c: llama.forward(graphdef, p, t, v, c, 3).logits)
+    cache = llama.forward(graphdef, params, tokens[:, :3], valid[:, :3], llama.KVCache.init(config, batch, 4), 0).cache
+    got = step(params, tokens[:, 3:], valid[:, 3:], cache)
+    assert got.shape == (batch, 1, config.vocab_size) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, full, atol=1e-4)
+    text = step.lower(params, tokens[:, 3:], valid[:, 3:], cache).compile().as_text()
+    shapes = re.findall(r"= f32\[(\d+),(\d+)\]\S* dot\(", text)
+    columns = (str(config.vocab_size), str(batch)) in shapes
+    assert columns == (batch <= llama._COLUMN_LOGITS_MAX_ROWS and jax.default_backend() == "cpu"), shapes
+
+
 def test_rotary_tables_equal_the_formula_and_leave_no_trigonometry_in_the_graph(tiny):
     config, graphdef, params = tiny
     positions = jnp.asarray([[-1, 0, 1, 7], [3, 5, 100, 6]])  # -1 and 100: padding, clamped into the table
