@@ -49,11 +49,16 @@ def test_sweep_covers_the_comparison():
     assert {s["target"] for s in sweep} == {"pointwise", "rlhf", "distributional"}
 
 
-def test_train_entry_point_on_the_lm_path(tmp_path):
+def _train_smoke_run(workdir):
     out = subprocess.run(
         [sys.executable, "experiments/train.py", "--config=configs/smollm2_sentiment.py:smoke", "--config.f=js",
-         f"--config.workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+         f"--config.workdir={workdir}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def test_train_entry_point_on_the_lm_path(tmp_path):
+    out = _train_smoke_run(tmp_path)
     assert "samples before training" in out.stdout and "samples after training" in out.stdout
     assert "| kl_p_pi |" in out.stdout
     assert (tmp_path / "metrics.png").stat().st_size > 5_000 and (tmp_path / "summary.md").exists()
@@ -70,6 +75,16 @@ def test_train_entry_point_on_the_lm_path(tmp_path):
                           f"--config.workdir={tmp_path / 'none'}"], cwd=ROOT, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode != 0 and "no checkpoints in workdir=" in out.stderr
+    out = subprocess.run([sys.executable, "experiments/sample.py", "--config=configs/smollm2_sentiment.py:smoke",
+                          "--qrs_acceptance=1.5"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0 and "--qrs_acceptance=1.5 must be in (0, 1]" in out.stderr
+
+
+# Trains its own run first: with the slow tests (the default run's 15 minutes); tests/test_qrs.py
+# tests the sampler itself in the default run.
+@pytest.mark.slow
+def test_sample_entry_point_with_quasi_rejection_sampling(tmp_path):
+    _train_smoke_run(tmp_path)
     # Quasi-rejection sampling of p, with a and the run's policy as proposals.
     out = subprocess.run(
         [sys.executable, "experiments/sample.py", "--config=configs/smollm2_sentiment.py:smoke",
@@ -83,9 +98,6 @@ def test_train_entry_point_on_the_lm_path(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "qrs.jsonl").read_text().splitlines()]
     assert records and all("qrs_log_beta" in r for r in records)
     assert all(sum(r["model"] == m for r in records) <= 2 for m in ("base", "policy"))
-    out = subprocess.run([sys.executable, "experiments/sample.py", "--config=configs/smollm2_sentiment.py:smoke",
-                          "--qrs_acceptance=1.5"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert out.returncode != 0 and "--qrs_acceptance=1.5 must be in (0, 1]" in out.stderr
 
 
 def _run_tiny_benchmark(script, out_dir, *flags):

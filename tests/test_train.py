@@ -19,8 +19,10 @@ def smoke(module, tmp_path, **overrides):
     return config
 
 
-@pytest.mark.parametrize("module", [smollm2_word, smollm2_sentiment, smollm2_gender],
-                         ids=["word", "sentiment", "gender"])
+# sentiment's smoke run is also trained, evaluated and resumed by test_resume_continues_exactly
+# and by tests/test_experiments.py: here it runs with the slow tests (the default run's 15 minutes).
+@pytest.mark.parametrize("module", [smollm2_word, pytest.param(smollm2_sentiment, marks=pytest.mark.slow),
+                                    smollm2_gender], ids=["word", "sentiment", "gender"])
 def test_smoke_configs_train_and_log(module, tmp_path):
     config = smoke(module, tmp_path)
     out = train.train_and_evaluate(config, log=lambda s: None)
@@ -37,7 +39,10 @@ def test_smoke_configs_train_and_log(module, tmp_path):
         assert json.load(open(tmp_path / "target.json"))["lam"]
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(warmup_steps=3)], ids=["constant", "warmup"])
+# The warm-up's case restores everything the constant one does, and the step count besides:
+# the constant schedule runs with the slow tests.
+@pytest.mark.parametrize("overrides", [pytest.param({}, marks=pytest.mark.slow), dict(warmup_steps=3)],
+                         ids=["constant", "warmup"])
 def test_resume_continues_exactly(overrides, tmp_path):
     """A warm-up's step size depends on the optimiser's step count: resuming must restore it."""
     straight = train.train_and_evaluate(smoke(smollm2_sentiment, tmp_path / "a", **overrides), log=lambda s: None)
