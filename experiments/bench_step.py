@@ -240,7 +240,8 @@ def main(argv):
     # sample: the sampler's jitted function with fixed inputs.
     sampler = task.sampler
     sample_args = (state.params, prompt, valid, key, jnp.float32(1.0), jnp.float32(1.0))
-    t_sample, sampled = timed(sampler._jitted, *sample_args, repeats=_REPEATS.value)
+    sample_fn = sampler.jitted(config.batch_size)  # what the trainer's calls run
+    t_sample, sampled = timed(sample_fn, *sample_args, repeats=_REPEATS.value)
     # FLOPs are analytic (matmuls): a forward is 2·N_body per position plus 2·V·D per position
     # that gets logits; forward+backward is 3× that. N_body = parameters less the (tied) V×D
     # embedding, whose lookup is free and whose output projection runs only where logits are needed.
@@ -254,7 +255,7 @@ def main(argv):
     forward_flops = lambda body_pos, logit_pos: 2.0 * (n_body * body_pos + out_proj * logit_pos)
     # Sampling: prefill (logits at the last slot) + one position per decode step.
     rows.append(("sample", t_sample, forward_flops(positions, b * n_new),
-                 xla_flops(sampler._jitted, *sample_args)))
+                 xla_flops(sample_fn, *sample_args)))
     # Teacher forcing reads P + N − 1 slots and makes logits for the N completion tokens.
     scored = b * (p_len + n_new - 1)
 

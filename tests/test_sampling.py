@@ -29,10 +29,12 @@ def test_pad_prompts_left_pads_to_bucket():
         sampling.pad_prompts([list(range(9))], 0, (4, 8))
 
 
-@pytest.mark.parametrize("kept", [False, True])  # decode layers made in the call, or kept (transposed)
-def test_sampler_logp_equals_teacher_forced_logp(model, kept):
+# Decode layers made in the call (plain or transposed), or kept (transposed).
+@pytest.mark.parametrize("transposed,kept", [(False, False), (True, False), (None, True)],
+                         ids=["per_call_plain", "per_call_transposed", "kept"])
+def test_sampler_logp_equals_teacher_forced_logp(model, transposed, kept):
     _, graphdef, params = model
-    sampler = make_sampler(model)
+    sampler = make_sampler(model, transposed_layers=transposed)
     prompt, valid = sampler.pad([[5, 6, 7], [8, 9, 10, 11, 12]])
     layers = sampler.decode_layers(params, 2) if kept else None
     out = sampler(params, prompt, valid, jax.random.PRNGKey(0), layers=layers)
@@ -191,6 +193,38 @@ def test_kept_decode_layers_draw_the_same_samples_without_retracing(model, batch
 def test_auto_column_blocks_on_cpu():
     assert jax.default_backend() == "cpu"
     assert [sampling.auto_column_blocks(b) for b in (1, 2, 16, 32, 33, 64)] == [1, 2, 2, 2, 1, 1]
+
+
+def test_auto_transposed_layers_on_cpu():
+    assert jax.default_backend() == "cpu"
+    assert [sampling.auto_transposed_layers(b, "float32") for b in (1, 2, 16, 32, 33, 64)] == [
+        False, True, True, True, False, False]
+    assert not sampling.auto_transposed_layers(16, "bfloat16")
+
+
+@pytest.mark.parametrize("batch", [2, 3])  # column blocks, and not (3 rows: the tiny model's blocks still apply)
+def test_per_call_transposed_layers_draw_the_same_samples_with_less_memory(model, batch):
+    config, _, params = model
+    plain = make_sampler(model, keep_states=True, transposed_layers=False)
+    auto = make_sampler(model, keep_states=True)  # transposes at 2-32 rows on CPU in float32
+    prompt, valid = plain.pad([[5, 6, 7], [8, 9, 10, 11, 12], [4]][:batch])
+    assert auto.jitted(batch) is auto._jitted_transposing and plain.jitted(batch) is plain._jitted
+    assert auto.jitted(batch, layers=auto.decode_layers(params, batch)) is auto._jitted  # kept layers as given
+    want = plain(params, prompt, valid, jax.random.PRNGKey(3))
+    got = auto(params, prompt, valid, jax.random.PRNGKey(3))
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.mask, want.mask)
+    np.testing.assert_allclose(got.logp, want.logp, atol=1e-5)
+    np.testing.assert_allclose(got.states, want.states, atol=1e-5)
+    # The transposing call runs column-major decode steps: dots with the batch as the minor
+    # dimension ([N, B]), which the plain call has none of.
+    hlo = {name: s.lower(params, prompt, valid, jax.random.PRNGKey(3)).compile().as_text()
+           for name, s in (("plain", plain), ("auto", auto))}
+    assert f"f32[{config.hidden_dim},{batch}]" in hlo["auto"] and f"f32[{config.hidden_dim},{batch}]" not in hlo["plain"]
+    # Compiled in memory order: the transposed copies do not all exist beside the prefill's weights.
+    temps = {name: s.lower(params, prompt, valid, jax.random.PRNGKey(3)).compile().memory_analysis().temp_size_in_bytes
+             for name, s in (("plain", plain), ("auto", auto))}
+    assert temps["auto"] <= temps["plain"], temps
 
 
 def test_kept_states_are_teacher_forcings_layer_inputs(model):
