@@ -81,6 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Decoding's lone products (q, o, down) in this many column blocks, so that XLA's CPU
     # runtime runs them on two threads; 0 = automatic (sampling.auto_column_blocks).
     c.decode_column_blocks = 0
+    # Sampling calls make their layers transposed, for column-major decode steps: "auto"
+    # (on CPU in float32 at 2-16 rows, sampling.auto_transposed_layers), "on" or "off".
+    c.decode_transposed_layers = "auto"
     # Estimator.
     c.batch_size = 16
     c.proposal = "policy"  # "policy" or "offpolicy" (DPG's q ← π when π is closer to p)

@@ -158,13 +158,13 @@ def auto_column_blocks(batch: int) -> int:
 # XLA's CPU scheduler that orders a computation for the least memory: `Sampler` compiles
 # calls that transpose their layers with it (`auto_transposed_layers`).
 _CPU_LOW_MEMORY_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
-_TRANSPOSED_LAYERS_MAX_ROWS = 32
+_TRANSPOSED_LAYERS_MAX_ROWS = 16
 
 
 def auto_transposed_layers(batch: int, compute_dtype) -> bool:
     """Whether a sampler call of `batch` rows without kept layers makes its per-layer
     weights transposed (`Llama.unstack_layers(transposed=True)`): on CPU in float32 at
-    2 to 32 rows, else False.
+    2 to 16 rows, else False.
 
     Transposed weights make a decode step column-major (`llama._layer_columns`), worth the
     copy's pass over the weights at few rows only. SmolLM2 per call (the trainer's
@@ -173,7 +173,9 @@ def auto_transposed_layers(batch: int, compute_dtype) -> bool:
     memory-minimising scheduler (`_CPU_LOW_MEMORY_OPTIONS`): its default order makes every
     layer's transposed copy before the prefill, beside the slices the prefill reads, 0.89
     GB of temporaries at batch 32 against 0.67 GB with plain slices; ordered for memory,
-    0.56 GB.
+    0.56 GB. Yet with 32 rows transposing too, `bench_step`'s process peaked at 3.04 GB
+    (2.94 GB without), over its 3 GB target, the transposing sampler's compile leaving more
+    resident: so up to 16 rows, below the trainer's batch of 32 there.
     """
     return (2 <= batch <= _TRANSPOSED_LAYERS_MAX_ROWS and jax.default_backend() == "cpu"
             and jnp.dtype(compute_dtype) == jnp.float32)

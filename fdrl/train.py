@@ -120,6 +120,8 @@ def validate(config) -> None:
     check_choice(config, "remat", tuple(llama.REMAT_POLICIES) + (True, False))
     for field in ("logits_chunk", "decode_column_blocks", "num_prompts", "num_logged_samples"):
         check_int(config, field, low=0)
+    if "decode_transposed_layers" in config:
+        check_choice(config, "decode_transposed_layers", tuple(TRANSPOSED_LAYERS))
     check_choice(config, "target.kind", TARGET_KINDS)
     if config.target.kind == "rlhf":
         check_number(config, "target.beta", low=0, low_open=True)
@@ -188,9 +190,14 @@ def encode_prompts(config, tok, sampler: Sampler, prompts) -> tuple[np.ndarray, 
     return sampler.pad(tok.encode_batch(texts))
 
 
+# config.decode_transposed_layers -> Sampler(transposed_layers=)
+TRANSPOSED_LAYERS = {"auto": None, "on": True, "off": False}
+
+
 def make_sampler(config, graphdef, model_config, tok, mesh=None, rules=None) -> Sampler:
     return Sampler(graphdef, model_config, max_new_tokens=config.max_new_tokens, eos_id=tok.eos_id,
                    pad_id=tok.pad_id, top_k=config.top_k, column_blocks=config.get("decode_column_blocks") or None,
+                   transposed_layers=TRANSPOSED_LAYERS[config.get("decode_transposed_layers", "auto")],
                    out_sharding=None if mesh is None else sharding.batch_sharding(mesh, rules, 2),
                    keep_states=reuses_sampler_states(config),
                    states_sharding=None if mesh is None else sharding.batch_sharding(mesh, rules, 4))

@@ -114,6 +114,7 @@ BAD_FIELDS = [
     ("remat", "some", "fdpg", "unknown remat='some'"),
     ("logits_chunk", -1, "fdpg", "logits_chunk=-1 must be an integer >= 0"),
     ("decode_column_blocks", -2, "fdpg", "decode_column_blocks=-2 must be"),
+    ("decode_transposed_layers", "yes", "fdpg", "unknown decode_transposed_layers='yes'"),
     ("num_prompts", -1, "fdpg", "num_prompts=-1 must be"),
     ("num_logged_samples", -1, "fdpg", "num_logged_samples=-1 must be"),
     ("target.kind", "ranking", "fdpg", "unknown target.kind='ranking'"),
@@ -150,6 +151,19 @@ def test_bad_fields_are_named_before_loading(field, value, algo, match):
     node[leaf] = value
     with pytest.raises(ValueError, match=match):
         train.validate(config)
+
+
+def test_decode_transposed_layers_reaches_the_sampler():
+    from types import SimpleNamespace
+
+    from fdrl.models import llama
+    config = smollm2_word.get_config()
+    tok = SimpleNamespace(eos_id=2, pad_id=0)
+    for value, transposed in (("auto", None), ("on", True), ("off", False)):
+        config.decode_transposed_layers = value
+        train.validate(config)
+        sampler = train.make_sampler(config, None, llama.LlamaConfig.tiny(), tok)
+        assert sampler.transposed_layers is transposed
 
 
 def test_target_fields_checked_for_their_kind():
