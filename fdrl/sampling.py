@@ -174,7 +174,7 @@ def auto_transposed_layers(batch: int, compute_dtype) -> bool:
     layer's transposed copy before the prefill, beside the slices the prefill reads, 0.89
     GB of temporaries at batch 32 against 0.67 GB with plain slices; ordered for memory,
     0.56 GB. Yet with 32 rows transposing too, `bench_step`'s process peaked at 3.04 GB
-    (2.94 GB without), over its 3 GB target, the transposing sampler's compile leaving more
+    (2.94 and 3.00 GB without, two runs), over its 3 GB target, the transposing compile leaving more
     resident: so up to 16 rows, below the trainer's batch of 32 there.
     """
     return (2 <= batch <= _TRANSPOSED_LAYERS_MAX_ROWS and jax.default_backend() == "cpu"
