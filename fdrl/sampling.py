@@ -156,8 +156,9 @@ def auto_column_blocks(batch: int) -> int:
 
 
 # XLA's CPU scheduler that orders a computation for the least memory: `Sampler` compiles
-# calls that transpose their layers with it (`auto_transposed_layers`).
-_CPU_LOW_MEMORY_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+# calls that transpose their layers with it (`auto_transposed_layers`), and the trainer its
+# update (`train.update_compiler_options`).
+CPU_LOW_MEMORY_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 _TRANSPOSED_LAYERS_MAX_ROWS = 16
 
 
@@ -169,13 +170,14 @@ def auto_transposed_layers(batch: int, compute_dtype) -> bool:
     Transposed weights make a decode step column-major (`llama._layer_columns`), worth the
     copy's pass over the weights at few rows only. SmolLM2 per call (the trainer's
     sampling), 32 new tokens, 2 cores of an AMD EPYC, alternating in one process: tokens/s
-    1.15× at batch 8, 1.20–1.24× at 16, 1.11–1.13× at 32, but 0.89× at 64 and 0.975× at 1. Such calls compile with XLA's
-    memory-minimising scheduler (`_CPU_LOW_MEMORY_OPTIONS`): its default order makes every
-    layer's transposed copy before the prefill, beside the slices the prefill reads, 0.89
-    GB of temporaries at batch 32 against 0.67 GB with plain slices; ordered for memory,
-    0.56 GB. Yet with 32 rows transposing too, `bench_step`'s process peaked at 3.04 GB
-    (2.94 and 3.00 GB without, two runs), over its 3 GB target, the transposing compile leaving more
-    resident: so up to 16 rows, below the trainer's batch of 32 there.
+    1.15× at batch 8, 1.20–1.24× at 16, 1.11–1.13× at 32, but 0.89× at 64 and 0.975× at 1.
+    Such calls compile with XLA's memory-minimising scheduler (`CPU_LOW_MEMORY_OPTIONS`):
+    its default order makes every layer's transposed copy before the prefill, beside the
+    slices the prefill reads, 0.89 GB of temporaries at batch 32 against 0.67 GB with plain
+    slices; ordered for memory, 0.56 GB. Yet with 32 rows transposing too, `bench_step`'s
+    process peaked at 3.04 GB (2.94 and 3.00 GB without, two runs), over its 3 GB target,
+    the transposing compile leaving more resident: so up to 16 rows, below the trainer's
+    batch of 32 there.
     """
     return (2 <= batch <= _TRANSPOSED_LAYERS_MAX_ROWS and jax.default_backend() == "cpu"
             and jnp.dtype(compute_dtype) == jnp.float32)
@@ -223,7 +225,7 @@ class Sampler:
         # Calls that transpose their layers: ordered for memory on CPU (auto_transposed_layers).
         self._jitted_transposing = jax.jit(
             self._sample, out_shardings=out_shardings,
-            compiler_options=_CPU_LOW_MEMORY_OPTIONS if jax.default_backend() == "cpu" else None)
+            compiler_options=CPU_LOW_MEMORY_OPTIONS if jax.default_backend() == "cpu" else None)
         self._decode_layers = jax.jit(lambda params, blocks, transposed: nnx.merge(graphdef, params).unstack_layers(
             blocks, transposed), static_argnums=(1, 2))
 
