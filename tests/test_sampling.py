@@ -195,6 +195,24 @@ def test_auto_column_blocks_on_cpu():
     assert [sampling.auto_column_blocks(b) for b in (1, 2, 16, 32, 33, 64)] == [1, 2, 2, 2, 1, 1]
 
 
+@pytest.mark.parametrize("scale", [1e3, 1e-6])
+def test_column_major_decode_stays_finite_at_extreme_weights(model, scale):
+    """Weights ×1e3 (logits in the thousands) or ×1e-6 (activations near RMSNorm's eps):
+    per-call transposed and kept layers (column-major decode steps, column logits) give
+    finite log-probs ≤ 0 and states, and the plain layout's tokens."""
+    _, _, params = model
+    params = jax.tree.map(lambda a: a * scale, params)
+    plain = make_sampler(model, keep_states=True, transposed_layers=False)
+    prompt, valid = plain.pad([[5, 6, 7], [8, 9]])
+    want = plain(params, prompt, valid, jax.random.PRNGKey(1))
+    transposed = make_sampler(model, keep_states=True, transposed_layers=True)
+    for layers in (None, transposed.decode_layers(params, 2)):
+        got = transposed(params, prompt, valid, jax.random.PRNGKey(1), layers=layers)
+        assert np.all(np.isfinite(got.logp)) and np.all(np.asarray(got.logp) <= 0)
+        assert np.all(np.isfinite(got.states))
+        np.testing.assert_array_equal(got.tokens, want.tokens)
+
+
 def test_auto_transposed_layers_on_cpu():
     assert jax.default_backend() == "cpu"
     assert [sampling.auto_transposed_layers(b, "float32") for b in (1, 2, 16, 32, 33, 64)] == [
