@@ -29,7 +29,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import common  # noqa: F401  (puts the repo on sys.path)
-from fdrl import qrs, train
+from fdrl import checkpoint, qrs, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file[:variant].")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A user prompt (repeat the flag for several).")
@@ -149,11 +149,8 @@ def main(argv):
         raise app.UsageError("--config is required: the run's config file, e.g. configs/smollm2_sentiment.py")
     if config.get("task", "toy") != "lm":
         raise app.UsageError(f"{config.get('task', 'toy')!r} configs have no text to sample: use an LM config")
-    prompts = list(_PROMPT.value)
-    if not prompts:
-        from fdrl import data
-        prompts = data.load_prompts(config.prompts, limit=_NUM_PROMPTS.value)
-    if _QRS_ACCEPTANCE.value is not None or _QRS_LOG_BETA.value is not None:
+    use_qrs = _QRS_ACCEPTANCE.value is not None or _QRS_LOG_BETA.value is not None
+    if use_qrs:
         if (_QRS_ACCEPTANCE.value is None) == (_QRS_LOG_BETA.value is None):
             raise app.UsageError("give one of --qrs_acceptance and --qrs_log_beta, not both")
         if _QRS_ACCEPTANCE.value is not None and not 0.0 < _QRS_ACCEPTANCE.value <= 1.0:
@@ -161,6 +158,16 @@ def main(argv):
         for flag in (_QRS_PILOT, _QRS_BATCH, _QRS_MAX_DRAWS):
             if flag.value < 1:
                 raise app.UsageError(f"--{flag.name}={flag.value} must be >= 1")
+    if not _BASE.value:  # before loading the model: a wrong workdir fails at once
+        try:
+            checkpoint.require_checkpoint(config.workdir, _STEP.value)
+        except (FileNotFoundError, ValueError) as e:
+            raise app.UsageError(f"{e} (or pass --base to sample the base model only)")
+    prompts = list(_PROMPT.value)
+    if not prompts:
+        from fdrl import data
+        prompts = data.load_prompts(config.prompts, limit=_NUM_PROMPTS.value)
+    if use_qrs:
         records, summaries = qrs_run(config, prompts, _NUM_SAMPLES.value, _STEP.value, _BASE.value, _SEED.value,
                                      acceptance=_QRS_ACCEPTANCE.value, log_beta=_QRS_LOG_BETA.value,
                                      pilot=_QRS_PILOT.value, batch=_QRS_BATCH.value,

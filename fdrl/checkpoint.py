@@ -21,6 +21,26 @@ def checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
                                  options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
 
 
+def saved_steps(workdir: str) -> list[int]:
+    """The steps saved in <workdir>/checkpoints, ascending; [] without that folder (and
+    then nothing is created, unlike checkpoint_manager)."""
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        return []
+    return sorted(checkpoint_manager(workdir).all_steps())
+
+
+def require_checkpoint(workdir: str, step: Optional[int] = None) -> list[int]:
+    """The saved steps of workdir; raises naming the workdir when it holds none, or the
+    step when it is not among them. Cheap: callers check before building a model."""
+    steps = saved_steps(workdir)
+    if not steps:
+        raise FileNotFoundError(f"no checkpoints in workdir={workdir!r}: train with experiments/train.py and "
+                                "checkpoint_every > 0 first, or pass the run's --config.workdir")
+    if step is not None and step not in steps:
+        raise ValueError(f"no checkpoint of step={step} in {workdir!r}; it holds steps {steps}")
+    return steps
+
+
 def save_checkpoint(manager, state: Any) -> None:
     """Saves `state` under its step and waits until every process has written."""
     manager.save(int(state.step), args=ocp.args.StandardSave(state))

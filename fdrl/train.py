@@ -31,7 +31,8 @@ from flax import nnx
 
 from fdrl import data, divergences, estimators, host_memory, metrics, optim, ppo, sampling, scorers, sharding
 from fdrl.config_checks import check_choice, check_float_dtype, check_int, check_number
-from fdrl.checkpoint import checkpoint_manager, restore_checkpoint, restore_fields, save_checkpoint
+from fdrl.checkpoint import (checkpoint_manager, require_checkpoint, restore_checkpoint, restore_fields,
+                             save_checkpoint)
 from fdrl.losses import fdpg_loss
 from fdrl.optim import make_optimizer
 from fdrl.models import gguf_loader, llama, quant, tokenizer as tokenizer_lib
@@ -658,15 +659,8 @@ def restore_run(trainer: "Trainer", manager=None, step: Optional[int] = None,
     params_only, only params and step are read (the rest is None): a policy to sample,
     without the optimiser's moments (for SmolLM2 0.8 GB less)."""
     workdir = trainer.config.workdir
-    # No manager for a workdir without checkpoints: making one would create its folders.
-    if manager is None and os.path.isdir(os.path.join(workdir, "checkpoints")):
-        manager = checkpoint_manager(workdir)
-    steps = sorted(manager.all_steps()) if manager is not None else []
-    if not steps:
-        raise FileNotFoundError(f"no checkpoints in workdir={workdir!r}: train with experiments/train.py and "
-                                "checkpoint_every > 0 first, or pass the run's --config.workdir")
-    if step is not None and step not in steps:
-        raise ValueError(f"no checkpoint of step={step} in {workdir!r}; it holds steps {steps}")
+    require_checkpoint(workdir, step)  # before making a manager, which would create its folders
+    manager = manager if manager is not None else checkpoint_manager(workdir)
     state = (restore_fields(manager, trainer.abstract_state, ("params", "step"), step) if params_only
              else restore_checkpoint(manager, trainer.abstract_state, step))
     target_file = os.path.join(workdir, "target.json")

@@ -76,6 +76,10 @@ def test_train_entry_point_on_the_lm_path(tmp_path):
                          timeout=600)
     assert out.returncode != 0 and "no checkpoints in workdir=" in out.stderr
     out = subprocess.run([sys.executable, "experiments/sample.py", "--config=configs/smollm2_sentiment.py:smoke",
+                          f"--config.workdir={tmp_path}", "--step=3"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode != 0 and "no checkpoint of step=3 in" in out.stderr and "it holds steps" in out.stderr
+    out = subprocess.run([sys.executable, "experiments/sample.py", "--config=configs/smollm2_sentiment.py:smoke",
                           "--qrs_acceptance=1.5"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode != 0 and "--qrs_acceptance=1.5 must be in (0, 1]" in out.stderr
 
