@@ -24,6 +24,8 @@ from fdrl import host_memory, train
 _MODEL = flags.DEFINE_enum("model", "smollm2", ["smollm2", "tiny"], "Model to measure.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Samples per step.")
 _NEW = flags.DEFINE_integer("new_tokens", 32, "New tokens per sample.")
+_EVAL_BATCH = flags.DEFINE_integer("eval_batch", 0, "config.eval_batch_size (its sampler and reference scoring are "
+                                   "compiled ahead); 0 = --batch, sharing the training sampler's executable.")
 _STEPS = flags.DEFINE_integer("steps", 2, "Steps (and sampling calls) after the first, for the steady peaks.")
 _OUT = flags.DEFINE_string("out", "experiments/results", "Output folder.")
 
@@ -53,8 +55,8 @@ def main(argv):
         _reset_peak()
 
     config = smollm2_sentiment.get_config()
-    config.update(dict(model=_MODEL.value, batch_size=_BATCH.value, max_new_tokens=_NEW.value, f="js",
-                       progress_bar=False))
+    config.update(dict(model=_MODEL.value, batch_size=_BATCH.value, eval_batch_size=_EVAL_BATCH.value or _BATCH.value,
+                       max_new_tokens=_NEW.value, f="js", progress_bar=False))
     trainer = train.Trainer(config)
     phase("load (runtime, tokenizer, prompts, reference)")
     trainer.compile()
@@ -92,7 +94,12 @@ def main(argv):
     report = "\n".join([
         f"# Trainer memory by phase: {_MODEL.value}, batch {config.batch_size} × {config.max_new_tokens} new tokens, "
         f"on-policy js", "",
-        f"Command: `python experiments/bench_memory.py --model={_MODEL.value}`", "",
+        f"Command: `python experiments/bench_memory.py --model={_MODEL.value}"
+        f"{f' --eval_batch={_EVAL_BATCH.value}' if _EVAL_BATCH.value else ''}`", "",
+        f"Evaluation batch {config.eval_batch_size}"
+        + (" (= the training batch: evaluation samples with the training sampler's executable; each further "
+           "compiled sampler stays resident, ~0.1 GB on SmolLM2)." if config.eval_batch_size == config.batch_size
+           else " (its sampler is a second executable: ~0.1 GB resident on SmolLM2)."), "",
         f"jax {jax.__version__}, {os.cpu_count()} cores; remat {config.remat}, quantized_reference "
         f"{config.quantized_reference} (SmolLM2 only). GB = 10⁹ bytes.{common.heap_note()}", "",
         common.markdown_table(["phase", "peak GB", "resident after, GB"], rows), "",

@@ -35,6 +35,9 @@ from fdrl.models import llama
 _MODEL = flags.DEFINE_enum("model", "smollm2", ["smollm2", "tiny"], "Model to benchmark.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Samples per step.")
 _NEW = flags.DEFINE_integer("new_tokens", 32, "New tokens per sample.")
+_EVAL_BATCH = flags.DEFINE_integer("eval_batch", 0, "config.eval_batch_size of the run, whose sampler and reference "
+                                   "scoring are compiled ahead as a training run does; 0 = --batch (the default "
+                                   "config's relation: then evaluation shares the training sampler's executable).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (median).")
 _OUT = flags.DEFINE_string("out", "experiments/results", "Output folder.")
 _REMAT = flags.DEFINE_enum("remat", "full", ["full", "dots", "none"], "config.remat: what the backward pass keeps "
@@ -203,8 +206,9 @@ def main(argv):
     if _MESH.value:
         return mesh_compare()
     config = smollm2_sentiment.get_config()
-    config.update(dict(model=_MODEL.value, batch_size=_BATCH.value, max_new_tokens=_NEW.value, f="js",
-                       progress_bar=False, remat=_REMAT.value, param_dtype=_DTYPE.value, compute_dtype=_DTYPE.value))
+    config.update(dict(model=_MODEL.value, batch_size=_BATCH.value, eval_batch_size=_EVAL_BATCH.value or _BATCH.value,
+                       max_new_tokens=_NEW.value, f="js", progress_bar=False, remat=_REMAT.value,
+                       param_dtype=_DTYPE.value, compute_dtype=_DTYPE.value))
     trainer = train.Trainer(config)
     trainer.compile()  # as the training loop does: before the train state exists
     task, state = trainer.task, trainer.init_state()
@@ -310,7 +314,8 @@ def main(argv):
     lines = [f"# f-DPG step benchmark: {_MODEL.value}, batch {config.batch_size} × {config.max_new_tokens} new tokens, "
              f"on-policy js, remat {_REMAT.value}, {_DTYPE.value}", "",
              f"Command: `python experiments/bench_step.py --model={_MODEL.value} --remat={_REMAT.value}"
-             + ("" if _DTYPE.value == "float32" else f" --dtype={_DTYPE.value}") + "`",
+             + ("" if _DTYPE.value == "float32" else f" --dtype={_DTYPE.value}")
+             + (f" --eval_batch={_EVAL_BATCH.value}" if _EVAL_BATCH.value else "") + "`",
              "",
              f"Device: {jax.devices()[0].device_kind} ×{jax.device_count()}, jax {jax.__version__}. "
              f"Reference rate: 2048³ {_DTYPE.value} matmul under jit "
@@ -340,7 +345,9 @@ def main(argv):
               f"{scored} with logits at the {b * n_new} completion positions. "
               "XLA's compiled cost analysis is shown beside it: it counts a loop body (the scan over layers, the "
               "decode while_loop) once.",
-              f"Peak resident memory of the process through loading, compiling and {_REPEATS.value + 1} trainer steps "
+              f"Peak resident memory of the process through loading, compiling (as a run does: the update, and the "
+              f"sampler and reference scoring at batch {config.batch_size} and at the evaluation's "
+              f"{train.eval_chunk_size(config)}) and {_REPEATS.value + 1} trainer steps "
               f"(read before the per-part timings, whose separate jits hold extra copies): {peak_rss_gb:.2f} GB. "
               f"Tokens sampled per step: {int(sampled.mask.sum())}.",
               f"Per trainer step (median): {step_faults:,.0f} minor page faults ({step_faults * 4096 / 1e9:.2f} GB of "

@@ -114,13 +114,14 @@ def _run_tiny_benchmark(script, out_dir, *flags):
 # Slow on a 2-core CPU (20–55 s); `make test-slow` runs it, keeping the default run under 15 minutes.
 @pytest.mark.slow
 def test_memory_benchmark_reports_every_phase(tmp_path):
-    _run_tiny_benchmark("bench_memory.py", tmp_path, "--steps=1")
+    _run_tiny_benchmark("bench_memory.py", tmp_path, "--steps=1", "--eval_batch=16")
     rows = [line.split(" | ") for line in (tmp_path / "bench_memory_tiny.md").read_text().splitlines()
             if line.startswith("| ") and "GB" not in line]
     assert [r[0].lstrip("| ") for r in rows][-2:] == ["trainer step (largest of 1)", "sampling call (largest of 1)"]
     peaks = [float(r[1]) for r in rows]
     assert len(peaks) == 7 and all(0.1 < p < 24 for p in peaks)
-    assert "temporaries" in (tmp_path / "bench_memory_tiny.md").read_text()
+    report = (tmp_path / "bench_memory_tiny.md").read_text()
+    assert "temporaries" in report and "--eval_batch=16`" in report and "Evaluation batch 16 (its sampler" in report
 
 
 @pytest.mark.slow
@@ -137,6 +138,7 @@ def test_step_benchmark_reports_every_part(dtype, tmp_path):
     assert 0.1 < result["peak_rss_gb"] < 24 and result["step_minor_faults"] >= 0
     report = (tmp_path / f"{name}.md").read_text()
     assert "the highest of" in report and f"2048³ {dtype} matmul" in report
+    assert "at batch 8 and at the evaluation's 8)" in report  # --eval_batch=0: the training batch
     assert result["float32_matmul_flops_per_s"] > 1e9
     assert ("A 2048³ float32 matmul ran at" in report) == (dtype == "bfloat16")
 
