@@ -21,18 +21,22 @@ def checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
                                  options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
 
 
-def saved_steps(workdir: str) -> list[int]:
-    """The steps saved in <workdir>/checkpoints, ascending; [] without that folder (and
-    then nothing is created, unlike checkpoint_manager)."""
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        return []
-    return sorted(checkpoint_manager(workdir).all_steps())
+def saved_steps(workdir: str, manager=None) -> list[int]:
+    """The steps saved in <workdir>/checkpoints (read through `manager` when given),
+    ascending; [] without that folder (and then nothing is created, unlike
+    checkpoint_manager)."""
+    if manager is None:
+        if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+            return []
+        manager = checkpoint_manager(workdir)
+    return sorted(manager.all_steps())
 
 
-def require_checkpoint(workdir: str, step: Optional[int] = None) -> list[int]:
-    """The saved steps of workdir; raises naming the workdir when it holds none, or the
-    step when it is not among them. Cheap: callers check before building a model."""
-    steps = saved_steps(workdir)
+def require_checkpoint(workdir: str, step: Optional[int] = None, manager=None) -> list[int]:
+    """The saved steps of workdir (through `manager` when given); raises naming the
+    workdir when it holds none, or the step when it is not among them. Cheap: callers
+    check before building a model."""
+    steps = saved_steps(workdir, manager)
     if not steps:
         raise FileNotFoundError(f"no checkpoints in workdir={workdir!r}: train with experiments/train.py and "
                                 "checkpoint_every > 0 first, or pass the run's --config.workdir")

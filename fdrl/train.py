@@ -659,7 +659,7 @@ def restore_run(trainer: "Trainer", manager=None, step: Optional[int] = None,
     params_only, only params and step are read (the rest is None): a policy to sample,
     without the optimiser's moments (for SmolLM2 0.8 GB less)."""
     workdir = trainer.config.workdir
-    require_checkpoint(workdir, step)  # before making a manager, which would create its folders
+    require_checkpoint(workdir, step, manager)  # before making a manager, which would create its folders
     manager = manager if manager is not None else checkpoint_manager(workdir)
     state = (restore_fields(manager, trainer.abstract_state, ("params", "step"), step) if params_only
              else restore_checkpoint(manager, trainer.abstract_state, step))
