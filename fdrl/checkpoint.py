@@ -8,11 +8,15 @@ comes back on 1 device or on a 2×4 mesh, each array resharded as it is read.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 from typing import Any, Optional, Sequence
 
 import jax
 import orbax.checkpoint as ocp
+
+from fdrl import file_lock
 
 
 def checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
@@ -43,6 +47,26 @@ def require_checkpoint(workdir: str, step: Optional[int] = None, manager=None) -
     if step is not None and step not in steps:
         raise ValueError(f"no checkpoint of step={step} in {workdir!r}; it holds steps {steps}")
     return steps
+
+
+@contextlib.contextmanager
+def claim_workdir(workdir: str):
+    """Holds <workdir>/run.lock while a run writes there (one process per run takes it).
+
+    A second run started on the same workdir (an f sweep launched in parallel with one
+    --config.workdir) fails at once, naming the first, instead of writing its logs and
+    checkpoints into the first's. The lock ends with the run, or with its process.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    held = contextlib.ExitStack()
+    try:
+        held.enter_context(file_lock.exclusive(os.path.join(workdir, "run.lock"), wait=False,
+                                               note=f"pid {os.getpid()} on {socket.gethostname()}"))
+    except file_lock.LockedError as e:
+        raise RuntimeError(f"another run ({e}) is writing to workdir={workdir!r}: wait for it to end, or give "
+                           "this one its own --config.workdir") from None
+    with held:
+        yield
 
 
 def save_checkpoint(manager, state: Any) -> None:

@@ -11,10 +11,11 @@ written once as an `array_record` TFDS dataset and read back with
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import threading
+
+from fdrl import file_lock
 
 PROMPT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 
@@ -60,22 +61,6 @@ _BUILDER = None
 _BUILDER_LOCK = threading.Lock()
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: str):
-    """Holds an exclusive lock on lock_path: other processes (and threads) wait at the same path."""
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): concurrent preparations of one file are not guarded
-        yield
-        return
-    with open(lock_path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def prepare_text_file(path: str, data_dir: str | None = None) -> str:
     """Writes the file as an array_record TFDS dataset (once); returns its data_dir.
 
@@ -95,7 +80,7 @@ def prepare_text_file(path: str, data_dir: str | None = None) -> str:
     os.makedirs(os.path.dirname(target_dir), exist_ok=True)
     # Without the lock, a second process that checks while the first prepares also prepares,
     # and one of them fails renaming its finished copy onto the other's.
-    with _exclusive(target_dir + ".lock"):
+    with file_lock.exclusive(target_dir + ".lock"):
         builder = _BUILDER(source_file=path, data_dir=target_dir, file_format="array_record")
         if not os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
             builder.download_and_prepare()

@@ -17,6 +17,7 @@ sampling draw from the state's key, so `--config.resume` continues exactly.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -31,8 +32,8 @@ from flax import nnx
 
 from fdrl import data, divergences, estimators, host_memory, metrics, optim, ppo, sampling, scorers, sharding
 from fdrl.config_checks import check_choice, check_float_dtype, check_int, check_number
-from fdrl.checkpoint import (checkpoint_manager, require_checkpoint, restore_checkpoint, restore_fields,
-                             save_checkpoint)
+from fdrl.checkpoint import (checkpoint_manager, claim_workdir, require_checkpoint, restore_checkpoint, restore_fields,
+                             save_checkpoint, saved_steps)
 from fdrl.losses import fdpg_loss
 from fdrl.optim import make_optimizer
 from fdrl.models import gguf_loader, llama, quant, tokenizer as tokenizer_lib
@@ -718,23 +719,32 @@ def _quiet(*args, **kwargs):
 
 
 def train_and_evaluate(config, task: Optional[Task] = None, log=print) -> dict:
-    """Runs (or resumes) training; returns {"history": [...eval dicts], "state": final state, ...}."""
+    """Runs (or resumes) training; returns {"history": [...eval dicts], "state": final state, ...}.
+
+    The workdir is claimed (`checkpoint.claim_workdir`: one run at a time) and checked for
+    earlier checkpoints before the model loads, so either mistake costs seconds, not a compile.
+    """
+    validate(config)
+    main_process = jax.process_index() == 0  # multi-host: every process trains, one logs and writes files
+    with claim_workdir(config.workdir) if main_process else contextlib.nullcontext():
+        steps = saved_steps(config.workdir)
+        if steps and not config.resume:
+            raise FileExistsError(f"{config.workdir} already holds checkpoints up to step {steps[-1]}: pass "
+                                  "--config.resume=True to continue them, or choose another --config.workdir")
+        return _train_and_evaluate(config, task, log if main_process else _quiet, main_process)
+
+
+def _train_and_evaluate(config, task: Optional[Task], log, main_process: bool) -> dict:
     from tqdm import tqdm
 
     trainer = Trainer(config, task)
     trainer.compile()  # before the train state exists: compile memory on top of the reference alone
-    main_process = jax.process_index() == 0  # multi-host: every process trains, one logs and writes files
-    if not main_process:
-        log = _quiet
     workdir = config.workdir
     os.makedirs(workdir, exist_ok=True)
     manager = checkpoint_manager(workdir)  # orbax: every process writes its own shards
     target_file = os.path.join(workdir, "target.json")
 
     latest = manager.latest_step()
-    if latest is not None and not config.resume:
-        raise FileExistsError(f"{workdir} already holds checkpoints up to step {latest}: pass --config.resume=True "
-                              "to continue them, or choose another --config.workdir")
     if config.resume and latest is None:
         log(f"resume requested but {workdir} holds no checkpoint: starting from step 0")
     if config.resume and latest is not None:

@@ -51,10 +51,31 @@ def test_resume_continues_exactly(overrides, tmp_path):
     resumed = train.train_and_evaluate(smoke(smollm2_sentiment, tmp_path / "b", resume=True, **overrides),
                                        log=lambda s: None)
     assert int(resumed["state"].step) == 4
-    with pytest.raises(FileExistsError, match="resume=True"):
-        train.train_and_evaluate(smoke(smollm2_sentiment, tmp_path / "b"), log=lambda s: None)
+    with pytest.MonkeyPatch.context() as patch:  # a fresh run onto saved checkpoints fails before the model loads
+        patch.setattr(train, "Trainer", _no_model)
+        with pytest.raises(FileExistsError, match="resume=True"):
+            train.train_and_evaluate(smoke(smollm2_sentiment, tmp_path / "b"), log=lambda s: None)
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed["state"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("the model was built")
+
+
+def test_a_second_run_on_a_busy_workdir_fails_at_once_naming_the_first(tmp_path, monkeypatch):
+    from fdrl import checkpoint
+
+    monkeypatch.setattr(train, "Trainer", _no_model)
+    config = smoke(smollm2_word, tmp_path / "run")
+    with checkpoint.claim_workdir(config.workdir):  # as a first run, launched in parallel, holds it
+        with pytest.raises(RuntimeError, match=r"another run \(pid \d+ on .*\) is writing to workdir=.*run'"):
+            train.train_and_evaluate(config, log=lambda s: None)
+    with pytest.raises(ValueError, match="unknown f-divergence"):  # a bad value still fails first, by name
+        train.train_and_evaluate(smoke(smollm2_word, tmp_path / "other", f="kl"), log=lambda s: None)
+    assert not (tmp_path / "other").exists()
+    with pytest.raises(AssertionError, match="the model was built"):  # the first run ended: the workdir is free
+        train.train_and_evaluate(config, log=lambda s: None)
 
 
 def test_offpolicy_and_truncated_sampling_use_importance_weights(tmp_path):
