@@ -25,7 +25,7 @@ setup(
     ],
     package_data={"fdrl": ["prompts/*.txt"]},
     extras_require={
-        "test": ["pytest", "hypothesis", "nbclient", "nbformat", "ipykernel"],
+        "test": ["pytest", "pytest-xdist", "hypothesis", "nbclient", "nbformat", "ipykernel"],
         # The reference of experiments/bench_sampler.py (torch 2.13.0 is the local CPU wheel here).
         "bench": ["torch==2.13.0", "transformers", "accelerate"],
     },

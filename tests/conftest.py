@@ -14,8 +14,13 @@ for path in (ROOT, os.path.join(ROOT, "experiments")):
 # Prepared prompt datasets go to a throwaway folder, not ~/.cache.
 import tempfile  # noqa: E402
 
-os.environ.setdefault("FDRL_DATA_DIR", tempfile.mkdtemp(prefix="fdrl_tfds_"))
+_DATA_DIR = None
+if "FDRL_DATA_DIR" not in os.environ:
+    _DATA_DIR = os.environ["FDRL_DATA_DIR"] = tempfile.mkdtemp(prefix="fdrl_tfds_")
 
+# `make test` runs two pytest-xdist workers; they start after this file has set the variables
+# here in the controller, so they inherit its two folders (fdrl.data locks a dataset while
+# preparing it) and only the controller removes them.
 # One XLA compilation cache for the test session (subprocesses inherit it): many tests build the
 # same smoke trainer, and each of its functions is then compiled once, not per test
 # (`make test` in a clean clone on a 2-core AMD host: 11:56 against 14:39 and 16:20 without it).
@@ -27,7 +32,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if _XLA_CACHE is not None:
-        import shutil
+    import shutil
 
-        shutil.rmtree(_XLA_CACHE, ignore_errors=True)
+    for folder in (_XLA_CACHE, _DATA_DIR):
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
