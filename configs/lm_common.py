@@ -134,6 +134,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_chunk = 0
     c.num_logged_samples = 4
     c.checkpoint_every = 50
+    # Ctrl-C or SIGTERM ends the current step, saves it and stops (when checkpoint_every > 0;
+    # several processes: on JAX's preemption notice), so --config.resume loses nothing.
+    c.save_on_signal = True
     c.resume = False
     c.progress_bar = True
     return c

@@ -30,7 +30,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fdrl import data, divergences, estimators, host_memory, metrics, optim, ppo, sampling, scorers, sharding
+from fdrl import (data, divergences, estimators, host_memory, interrupt, metrics, optim, ppo, sampling, scorers,
+                  sharding)
 from fdrl.config_checks import check_choice, check_float_dtype, check_int, check_number
 from fdrl.checkpoint import (checkpoint_manager, claim_workdir, require_checkpoint, restore_checkpoint, restore_fields,
                              save_checkpoint, saved_steps)
@@ -159,6 +160,8 @@ def validate(config) -> None:
     check_int(config, "log_every", low=1)
     check_int(config, "eval_every", low=1)
     check_int(config, "checkpoint_every", low=0)  # 0 = never
+    if "save_on_signal" in config:
+        check_choice(config, "save_on_signal", (True, False))
     check_int(config, "eval_batch_size", low=1)
     chunk = check_int(config, "eval_chunk", low=0) if "eval_chunk" in config else 0
     if chunk and config.eval_batch_size % chunk:
@@ -774,8 +777,13 @@ def _train_and_evaluate(config, task: Optional[Task], log, main_process: bool) -
         values, samples = run_eval()
         log("samples before training:\n  " + "\n  ".join(samples))
     start = time.time()
-    with tqdm(total=config.steps, initial=int(state.step), disable=not (config.progress_bar and main_process),
-              desc="f-DPG") as bar:
+    # Ctrl-C or SIGTERM between or during steps: finish the step, save it, then stop
+    # (one process; several rely on JAX's preemption service, which agrees on a step).
+    saves_on_stop = bool(config.checkpoint_every) and config.get("save_on_signal", True)
+    multi_process = jax.process_count() > 1
+    stop = interrupt.StopRequest(enabled=saves_on_stop and not multi_process)
+    with stop, tqdm(total=config.steps, initial=int(state.step),
+                    disable=not (config.progress_bar and main_process), desc="f-DPG") as bar:
         while int(state.step) < config.steps:
             state, scalars = trainer.step(state)
             scalars = {k: float(v) for k, v in scalars.items()}  # blocks on the step: no runaway dispatch
@@ -791,7 +799,15 @@ def _train_and_evaluate(config, task: Optional[Task], log, main_process: bool) -
                 writers.write(step, "train", scalars)
             if step % config.eval_every == 0 or step == config.steps:
                 run_eval()
-            if config.checkpoint_every and (step % config.checkpoint_every == 0 or step == config.steps):
+            saved = config.checkpoint_every and (step % config.checkpoint_every == 0 or step == config.steps)
+            if saved:
                 save_checkpoint(manager, state)
+            if saves_on_stop and (stop.requested or (multi_process and manager.reached_preemption(step))):
+                if not saved:
+                    save_checkpoint(manager, state)
+                writers.close()
+                log(f"stopped after step {step}, saved in {workdir}")
+                raise stop.exit_exception(f"stopped after step {step} and saved it in {workdir}: "
+                                          "--config.resume=True continues from there")
     writers.close()
     return dict(history=history, state=state, seconds=time.time() - start, samples=last_samples, trainer=trainer)

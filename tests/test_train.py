@@ -3,13 +3,15 @@
 import json
 import logging
 import math
+import os
+import signal
 
 import jax
 import numpy as np
 import pytest
 
 from configs import smollm2_gender, smollm2_sentiment, smollm2_word
-from fdrl import train
+from fdrl import checkpoint, train
 
 
 def smoke(module, tmp_path, **overrides):
@@ -40,14 +42,31 @@ def test_smoke_configs_train_and_log(module, tmp_path):
 
 
 # The warm-up's case restores everything the constant one does, and the step count besides:
-# the constant schedule runs with the slow tests.
+# the constant schedule runs with the slow tests. The first stops at steps=2; the warm-up's by
+# Ctrl-C (a SIGINT) after step 3, which is not a checkpoint step: the run saves it as it stops.
 @pytest.mark.parametrize("overrides", [pytest.param({}, marks=pytest.mark.slow), dict(warmup_steps=3)],
                          ids=["constant", "warmup"])
-def test_resume_continues_exactly(overrides, tmp_path):
+def test_resume_continues_exactly(overrides, tmp_path, monkeypatch):
     """A warm-up's step size depends on the optimiser's step count: resuming must restore it."""
     straight = train.train_and_evaluate(smoke(smollm2_sentiment, tmp_path / "a", **overrides), log=lambda s: None)
     straight = straight["state"]
-    train.train_and_evaluate(smoke(smollm2_sentiment, tmp_path / "b", steps=2, **overrides), log=lambda s: None)
+    if overrides:
+        step = train.Trainer.step
+
+        def step_then_ctrl_c(self, state):
+            state, scalars = step(self, state)
+            if int(state.step) == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+            return state, scalars
+
+        monkeypatch.setattr(train.Trainer, "step", step_then_ctrl_c)
+        with pytest.raises(KeyboardInterrupt, match="SIGINT: stopped after step 3 and saved it in .*resume=True"):
+            train.train_and_evaluate(smoke(smollm2_sentiment, tmp_path / "b", **overrides), log=lambda s: None)
+        monkeypatch.undo()
+        assert checkpoint.saved_steps(str(tmp_path / "b")) == [2, 3]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run's handlers are gone
+    else:
+        train.train_and_evaluate(smoke(smollm2_sentiment, tmp_path / "b", steps=2, **overrides), log=lambda s: None)
     resumed = train.train_and_evaluate(smoke(smollm2_sentiment, tmp_path / "b", resume=True, **overrides),
                                        log=lambda s: None)
     assert int(resumed["state"].step) == 4
@@ -64,8 +83,6 @@ def _no_model(*args, **kwargs):
 
 
 def test_a_second_run_on_a_busy_workdir_fails_at_once_naming_the_first(tmp_path, monkeypatch):
-    from fdrl import checkpoint
-
     monkeypatch.setattr(train, "Trainer", _no_model)
     config = smoke(smollm2_word, tmp_path / "run")
     with checkpoint.claim_workdir(config.workdir):  # as a first run, launched in parallel, holds it
