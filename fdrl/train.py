@@ -802,11 +802,11 @@ def _train_and_evaluate(config, task: Optional[Task], log, main_process: bool) -
             saved = config.checkpoint_every and (step % config.checkpoint_every == 0 or step == config.steps)
             if saved:
                 save_checkpoint(manager, state)
-            if saves_on_stop and (stop.requested or (multi_process and manager.reached_preemption(step))):
+            if saves_on_stop and step < config.steps and (  # (the last step ends the run anyway)
+                    stop.requested or (multi_process and manager.reached_preemption(step))):
                 if not saved:
                     save_checkpoint(manager, state)
                 writers.close()
-                log(f"stopped after step {step}, saved in {workdir}")
                 raise stop.exit_exception(f"stopped after step {step} and saved it in {workdir}: "
                                           "--config.resume=True continues from there")
     writers.close()
