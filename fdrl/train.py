@@ -734,10 +734,12 @@ def train_and_evaluate(config, task: Optional[Task] = None, log=print) -> dict:
         if steps and not config.resume:
             raise FileExistsError(f"{config.workdir} already holds checkpoints up to step {steps[-1]}: pass "
                                   "--config.resume=True to continue them, or choose another --config.workdir")
-        return _train_and_evaluate(config, task, log if main_process else _quiet, main_process)
+        latest = steps[-1] if steps else None
+        return _train_and_evaluate(config, task, log if main_process else _quiet, main_process, latest)
 
 
-def _train_and_evaluate(config, task: Optional[Task], log, main_process: bool) -> dict:
+def _train_and_evaluate(config, task: Optional[Task], log, main_process: bool, latest: Optional[int]) -> dict:
+    """The run, in a workdir already claimed and listed: `latest` is its last saved step (or None)."""
     from tqdm import tqdm
 
     trainer = Trainer(config, task)
@@ -747,7 +749,6 @@ def _train_and_evaluate(config, task: Optional[Task], log, main_process: bool) -
     manager = checkpoint_manager(workdir)  # orbax: every process writes its own shards
     target_file = os.path.join(workdir, "target.json")
 
-    latest = manager.latest_step()
     if config.resume and latest is None:
         log(f"resume requested but {workdir} holds no checkpoint: starting from step 0")
     if config.resume and latest is not None:
