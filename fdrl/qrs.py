@@ -29,7 +29,10 @@ cannot see mass of p outside q's support.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import warnings
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
@@ -65,6 +68,21 @@ def _name_impossible_draws(impossible) -> None:
                          "have q > 0 (an enumerated support with q = 0 there needs log_mass = proposal_logp)")
 
 
+@functools.cache
+def _host_callbacks_work() -> bool:
+    """Whether JAX has its CPU platform, which host callbacks need (JAX_PLATFORMS=cuda alone
+    leaves it out and every callback then fails with an INTERNAL error). Without it the check
+    under jit is skipped, with one warning: the weights of impossible draws are then +inf."""
+    try:
+        jax.local_devices(backend="cpu")
+        return True
+    except RuntimeError:
+        warnings.warn(f"fdrl.qrs: JAX's CPU platform is not loaded (JAX_PLATFORMS="
+                      f"{os.environ.get('JAX_PLATFORMS', '')}), so draws of q with q = 0 are not named under jit; "
+                      "add cpu to JAX_PLATFORMS (e.g. cuda,cpu) for the check", RuntimeWarning, stacklevel=2)
+        return False
+
+
 def _weights(log_P, proposal_logp, log_mass):
     """Per point [B]: log w = log P/q; log(m·w), p's unnormalised mass under the weighting m
     (P when m = q, including where q = 0); whether P > 0; whether q can draw it (m > 0)."""
@@ -73,7 +91,8 @@ def _weights(log_P, proposal_logp, log_mass):
     # callback, whose ValueError surfaces in the runtime error when the result is computed.
     impossible = (proposal_logp == -jnp.inf) & (log_P > -jnp.inf) & (log_mass > -jnp.inf)
     if any(isinstance(x, jax.core.Tracer) for x in (log_P, proposal_logp, log_mass)):
-        jax.debug.callback(_name_impossible_draws, impossible)
+        if _host_callbacks_work():
+            jax.debug.callback(_name_impossible_draws, impossible)
     else:
         _name_impossible_draws(impossible)
     log_w = log_target_weights(log_P, proposal_logp)

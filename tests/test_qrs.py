@@ -249,3 +249,32 @@ def test_a_draw_with_q_zero_is_named_under_jit():
     eager, jitted = qrs.diagnostics(log_P, good_q, 0.0), jax.jit(qrs.diagnostics)(log_P, good_q, 0.0)
     for key in eager:
         np.testing.assert_allclose(jitted[key], eager[key], rtol=1e-6, err_msg=key)
+
+
+def test_without_jax_cpu_platform_the_check_under_jit_is_skipped_with_a_warning(monkeypatch):
+    """JAX_PLATFORMS=cuda alone leaves out the CPU platform that host callbacks need: there
+    every callback fails with an INTERNAL error, so the check is skipped and a warning names
+    the fix; the diagnostics still run. Eager calls still name bad draws."""
+    real = jax.local_devices
+
+    def no_cpu(*args, backend=None, **kwargs):
+        if backend == "cpu":
+            raise RuntimeError("Unknown backend cpu")
+        return real(*args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(jax, "local_devices", no_cpu)
+    qrs._host_callbacks_work.cache_clear()
+    # Shapes no other test traces with (jit reuses a trace of the same shapes, callback or not).
+    log_P, good_q = jnp.array([0.0, -1.0, -jnp.inf, -2.0, -3.0]), jnp.array([-1.0, -0.5, -jnp.inf, -2.0, -1.0])
+    try:
+        with pytest.warns(RuntimeWarning, match="add cpu to JAX_PLATFORMS"):
+            jitted = jax.jit(qrs.diagnostics)(log_P, good_q, 0.0)
+        assert float(jitted["acceptance_rate"]) == pytest.approx(float(qrs.diagnostics(log_P, good_q, 0.0)
+                                                                       ["acceptance_rate"]))
+        text = jax.jit(qrs.diagnostics).lower(log_P, good_q, 0.5).as_text()
+        assert "callback" not in text
+        with pytest.raises(ValueError, match=r"at indices \[1\]"):
+            qrs.diagnostics(log_P, good_q.at[1].set(-jnp.inf), 0.0)
+    finally:
+        qrs._host_callbacks_work.cache_clear()
+    assert "callback" in jax.jit(qrs.diagnostics).lower(log_P[:4], good_q[:4], 0.25).as_text()
