@@ -1,7 +1,8 @@
 # Two commands on a fresh machine (Python 3.11 and the package registries):
 #   make demo   install, then a short f-DPG (js) run of SmolLM2-135M on CPU (~5–10 min)
 #   make test   install with test extras, then run the default test suite (~10 min on 2 cores)
-# Also: make compare (the exact toy RLHF-vs-GDC comparison, ~5 min), make test-slow, make bench.
+# Also: make compare (the exact toy RLHF-vs-GDC comparison, ~5 min), make test-slow, make bench,
+# make test-gpu (the default tests on an NVIDIA GPU, after pip install -U "jax[cuda13]" in the venv).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ BIN := $(VENV)/bin
 PYTEST_WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal
 
-.PHONY: demo compare test test-slow test-all bench install clean
+.PHONY: demo compare test test-slow test-all test-gpu bench install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +48,11 @@ test-slow: install
 
 test-all: install
 	$(PYTEST) -q
+
+# The default tests with JAX on the GPU (CPU kept for host callbacks); tests/conftest.py then
+# asks for full-float32 matmuls and deterministic reductions, and skips the 8-device meshes.
+test-gpu: install
+	JAX_PLATFORMS=cuda,cpu $(PYTEST) -m "not slow" -q
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -5,6 +5,14 @@ import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if os.environ["JAX_PLATFORMS"].split(",")[0] != "cpu":
+    # On an accelerator (`make test-gpu`: JAX_PLATFORMS=cuda,cpu): float32 matmuls in full
+    # float32, not TF32 (JAX's GPU default), so the exact-answer tests compare the maths at
+    # their float32 tolerances; and deterministic GPU reductions, so "same seed, same result"
+    # holds bit for bit as on CPU.
+    os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+    os.environ["XLA_FLAGS"] += " --xla_gpu_deterministic_ops=true"
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # several pytest workers share the GPU
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for path in (ROOT, os.path.join(ROOT, "experiments")):
