@@ -12,7 +12,8 @@ Parts, each jitted alone and timed after a warm-up (median of --repeats):
 and the whole step as the trainer runs it (host scoring included). FLOPs come from
 analytic matmul counts (XLA's cost analysis, shown beside, counts loop bodies once);
 achieved FLOP/s is compared with a 2048³ float32
-matmul under jit measured in the same run. Writes experiments/results/bench_step.md.
+matmul under jit measured in the same run (8192³ on a GPU or TPU, where the step is also
+compared with the chip's datasheet peak). Writes experiments/results/bench_step.md.
 """
 
 import json
@@ -55,9 +56,12 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                             "matmul runs in the same precision (bfloat16 operands with float32 results, as the "
                             "layers' products).")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Accelerator peak TFLOP/s for MFU; 0 = look up the device kind.")
+_MATMUL_N = flags.DEFINE_integer("matmul_n", 0, "Size n of the n³ reference matmul; 0 = 2048 on CPU, 8192 on an "
+                                 "accelerator (where 2048³ takes tens of microseconds: launch and timer overhead).")
 
-# Dense peak TFLOP/s by device kind (float32 matmul on CPU is measured instead).
-PEAK_TFLOPS = {"float32": {"NVIDIA H100 80GB HBM3": 67.0, "NVIDIA H200": 67.0, "NVIDIA A100-SXM4-80GB": 19.5},
+# Dense peak TFLOP/s by device kind, from the vendors' datasheets (float32 matmul on CPU is
+# measured instead). float32 on NVIDIA: TF32 tensor cores, which JAX's default precision uses.
+PEAK_TFLOPS = {"float32": {"NVIDIA H100 80GB HBM3": 494.7, "NVIDIA H200": 494.7, "NVIDIA A100-SXM4-80GB": 156.0},
                "bfloat16": {"NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100-SXM4-80GB": 312.0,
                             "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5p": 459.0}}
 
@@ -86,10 +90,14 @@ def _square(x):
     return jnp.dot(x, x, preferred_element_type=jnp.float32)
 
 
+def matmul_size() -> int:
+    return _MATMUL_N.value or (2048 if jax.default_backend() == "cpu" else 8192)
+
+
 def matmul_rate(repeats: int, dtype: str = "float32") -> float:
-    """FLOP/s of a 2048³ matmul under jit: float32, or bfloat16 operands with float32 results
-    (compiled once per dtype, at the first call's warm-up)."""
-    n = 2048
+    """FLOP/s of an n³ matmul under jit (n = matmul_size()): float32, or bfloat16 operands with
+    float32 results (compiled once per dtype, at the first call's warm-up)."""
+    n = matmul_size()
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
     seconds, _ = timed(_square, a, repeats=max(repeats, 5))
     return 2 * n**3 / seconds
@@ -173,7 +181,7 @@ def mesh_compare():
             if backend == "cpu":
                 fraction = f"{achieved / rate:.0%} of matmul"
             else:
-                peak = _PEAK.value or PEAK_TFLOPS["bfloat16"].get(r["device_kind"], 0.0)
+                peak = _PEAK.value or PEAK_TFLOPS["float32"].get(r["device_kind"], 0.0)  # a float32 step
                 fraction = f"MFU {achieved / (peak * 1e12 * devices):.1%}" if peak else "(peak unknown)"
             rows.append([model, "×".join(map(str, shape)), f"{r['update_seconds']:.3f}",
                          f"{base['update_seconds'] / r['update_seconds']:.2f}×", f"{r['step_seconds']:.3f}",
@@ -184,7 +192,7 @@ def mesh_compare():
              f"on-policy js, float32, remat {_REMAT.value}; median of {_STEPS.value} steps after the "
              "compile).", "",
              f"Host: {jax.devices()[0].device_kind}, backend {backend}, {os.cpu_count()} cores, jax {jax.__version__}. "
-             f"Reference rate: 2048³ float32 matmul under jit = {rate / 1e9:.1f} GFLOP/s (this run).", "",
+             f"Reference rate: {matmul_size()}³ float32 matmul under jit = {rate / 1e9:.1f} GFLOP/s (this run).", "",
              common.markdown_table(["model", "mesh", "update s", "speed-up", "whole step s", "update GFLOP",
                                     "GFLOP/s", "achieved"], rows), "",
              "update = the jitted train step (reference scoring, policy forward+backward through fdpg_loss, Adam) "
@@ -315,28 +323,36 @@ def main(argv):
              f"on-policy js, remat {_REMAT.value}, {_DTYPE.value}", "",
              f"Command: `python experiments/bench_step.py --model={_MODEL.value} --remat={_REMAT.value}"
              + ("" if _DTYPE.value == "float32" else f" --dtype={_DTYPE.value}")
+             + (f" --batch={_BATCH.value}" if _BATCH.value != _BATCH.default else "")
+             + (f" --new_tokens={_NEW.value}" if _NEW.value != _NEW.default else "")
              + (f" --eval_batch={_EVAL_BATCH.value}" if _EVAL_BATCH.value else "") + "`",
              "",
              f"Device: {jax.devices()[0].device_kind} ×{jax.device_count()}, jax {jax.__version__}. "
-             f"Reference rate: 2048³ {_DTYPE.value} matmul under jit "
+             f"Reference rate: {matmul_size()}³ {_DTYPE.value} matmul under jit "
              + ("" if _DTYPE.value == "float32" else "(float32 results) ")
              + f"= {peak_flops / 1e9:.1f} GFLOP/s, the highest of "
              f"{rates_text} GFLOP/s measured before the trainer steps, after them and after the parts (same run)."
              + common.heap_note()
              + ("" if _DTYPE.value == "float32" else
-                f" A 2048³ float32 matmul ran at {f32_rate / 1e9:.1f} GFLOP/s (highest of 3, same run): the whole "
+                f" A {matmul_size()}³ float32 matmul ran at {f32_rate / 1e9:.1f} GFLOP/s (highest of 3, same run): the whole "
                 f"step reached {total_flops / t_step / f32_rate:.0%} of that."), ""]
     table = []
+    seconds_text = lambda s: f"{s:.2f}" if s >= 1 else f"{s:.4f}"  # noqa: E731 (sub-second on a GPU)
     for name, seconds, flops, xla in rows:
-        table.append([name, f"{seconds:.2f}", f"{flops / 1e9:.1f}", f"{xla / 1e9:.1f}", f"{flops / seconds / 1e9:.1f}",
+        table.append([name, seconds_text(seconds), f"{flops / 1e9:.1f}", f"{xla / 1e9:.1f}", f"{flops / seconds / 1e9:.1f}",
                       f"{flops / seconds / peak_flops:.0%}"])
-    table.append(["sum of parts", f"{sum(r[1] for r in rows):.2f}", f"{total_flops / 1e9:.1f}", "",
+    table.append(["sum of parts", seconds_text(sum(r[1] for r in rows)), f"{total_flops / 1e9:.1f}", "",
                   f"{total_flops / sum(r[1] for r in rows) / 1e9:.1f}",
                   f"{total_flops / sum(r[1] for r in rows) / peak_flops:.1%}"])
-    table.append(["whole trainer step", f"{t_step:.2f}", f"{total_flops / 1e9:.1f}", "", f"{total_flops / t_step / 1e9:.1f}",
+    table.append(["whole trainer step", seconds_text(t_step), f"{total_flops / 1e9:.1f}", "", f"{total_flops / t_step / 1e9:.1f}",
                   f"{total_flops / t_step / peak_flops:.1%}"])  # one decimal: 69.8% is not the 70% target
     lines.append(common.markdown_table(["part", "seconds", "GFLOP", "GFLOP (XLA, loops once)", "GFLOP/s",
                                         "of matmul rate"], table))
+    peak = _PEAK.value or PEAK_TFLOPS[_DTYPE.value].get(jax.devices()[0].device_kind, 0.0)
+    if jax.default_backend() != "cpu" and peak:
+        lines += ["", f"Against the datasheet's dense {_DTYPE.value} peak of {peak:g} TFLOP/s"
+                  + (" (TF32)" if _DTYPE.value == "float32" else "") + f": the whole step "
+                  f"{total_flops / t_step / (peak * 1e12):.2%}, the reference matmul {peak_flops / (peak * 1e12):.0%}."]
     lines += ["", f"GFLOP: analytic matmul FLOPs: a forward is 2·N_body per position read plus 2·V·D per position "
               f"that gets logits (N_body = {n_body / 1e6:.1f}M of the {n_params / 1e6:.1f}M parameters; V·D = "
               f"{out_proj / 1e6:.1f}M, the tied embedding); forward+backward is 3×. Sampling reads {positions} "

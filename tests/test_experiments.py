@@ -139,6 +139,7 @@ def test_step_benchmark_reports_every_part(dtype, tmp_path):
     report = (tmp_path / f"{name}.md").read_text()
     assert "the highest of" in report and f"2048³ {dtype} matmul" in report
     assert "at batch 8 and at the evaluation's 8)" in report  # --eval_batch=0: the training batch
+    assert "--batch=8 --new_tokens=4" in report.splitlines()[2]  # the command names the non-default flags
     assert result["float32_matmul_flops_per_s"] > 1e9
     assert ("A 2048³ float32 matmul ran at" in report) == (dtype == "bfloat16")
 
