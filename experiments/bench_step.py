@@ -6,6 +6,7 @@ r"""One f-DPG step on SmolLM2 at batch 32 × 32 new tokens (on-policy, js): wher
 
 Parts, each jitted alone and timed after a warm-up (median of --repeats):
   sample     the KV-cache sampler (prefill + 32 decode steps)
+  host       decoding and scoring the samples on the host (the trainer's score) and the heap trim
   reference  teacher-forced log-probs of the reference model
   policy     forward + backward of the policy through fdpg_loss
   update     the Adam update
@@ -268,6 +269,15 @@ def main(argv):
     # Sampling: prefill (logits at the last slot) + one position per decode step.
     rows.append(("sample", t_sample, forward_flops(positions, b * n_new),
                  xla_flops(sample_fn, *sample_args)))
+    # The step's host work between sampling and the update (no FLOPs): the tokens to the host,
+    # decoded and scored, the log-potentials back to the device; and the heap's trim.
+    def host_part(out):
+        log_potential = jax.block_until_ready(trainer.score(out))
+        host_memory.release_free_heap()
+        return log_potential
+
+    t_host, _ = timed(host_part, jax.block_until_ready(out), repeats=_REPEATS.value)
+    rows.append(("host: decode + score", t_host, 0.0, 0.0))
     # Teacher forcing reads P + N − 1 slots and makes logits for the N completion tokens.
     scored = b * (p_len + n_new - 1)
 
@@ -339,6 +349,9 @@ def main(argv):
     table = []
     seconds_text = lambda s: f"{s:.2f}" if s >= 1 else f"{s:.4f}"  # noqa: E731 (sub-second on a GPU)
     for name, seconds, flops, xla in rows:
+        if not flops:  # the host part
+            table.append([name, seconds_text(seconds), "0", "", "", ""])
+            continue
         table.append([name, seconds_text(seconds), f"{flops / 1e9:.1f}", f"{xla / 1e9:.1f}", f"{flops / seconds / 1e9:.1f}",
                       f"{flops / seconds / peak_flops:.0%}"])
     table.append(["sum of parts", seconds_text(sum(r[1] for r in rows)), f"{total_flops / 1e9:.1f}", "",
