@@ -39,6 +39,27 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
+def pytest_configure(config):
+    """With JAX_PLATFORMS naming an accelerator first, stop at once, with the fix, where JAX
+    cannot start it: with `cuda,cpu` JAX falls back to the CPU quietly, and the run would
+    test the CPU while saying it tested the GPU."""
+    platforms = os.environ["JAX_PLATFORMS"]
+    wanted = platforms.split(",")[0]
+    if wanted == "cpu":
+        return
+    import jax
+    import pytest
+
+    try:
+        backend = jax.default_backend()
+    except RuntimeError as e:
+        backend = f"none ({e})"
+    if backend != ("gpu" if wanted in ("cuda", "rocm", "gpu") else wanted):
+        pytest.exit(f"JAX_PLATFORMS={platforms}, but JAX runs on {backend}: it could not start {wanted!r}. For an "
+                    "NVIDIA GPU install JAX's CUDA wheels into the venv: .venv/bin/pip install -U 'jax[cuda13]'",
+                    returncode=4)
+
+
 def pytest_sessionfinish(session, exitstatus):
     import shutil
 
