@@ -29,10 +29,8 @@ cannot see mass of p outside q's support.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
-import warnings
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
@@ -68,19 +66,16 @@ def _name_impossible_draws(impossible) -> None:
                          "have q > 0 (an enumerated support with q = 0 there needs log_mass = proposal_logp)")
 
 
-@functools.cache
-def _host_callbacks_work() -> bool:
-    """Whether JAX has its CPU platform, which host callbacks need (JAX_PLATFORMS=cuda alone
-    leaves it out and every callback then fails with an INTERNAL error). Without it the check
-    under jit is skipped, with one warning: the weights of impossible draws are then +inf."""
+def _require_host_callbacks() -> None:
+    """Host callbacks need JAX's CPU platform; JAX_PLATFORMS=cuda alone leaves it out, and the
+    callback then fails only when it runs, with an INTERNAL error. Skipping the check instead
+    would turn impossible draws into silent nan (ess, tv), so this names the fix at trace time."""
     try:
         jax.local_devices(backend="cpu")
-        return True
-    except RuntimeError:
-        warnings.warn(f"fdrl.qrs: JAX's CPU platform is not loaded (JAX_PLATFORMS="
-                      f"{os.environ.get('JAX_PLATFORMS', '')}), so draws of q with q = 0 are not named under jit; "
-                      "add cpu to JAX_PLATFORMS (e.g. cuda,cpu) for the check", RuntimeWarning, stacklevel=2)
-        return False
+    except RuntimeError as e:
+        raise RuntimeError(f"fdrl.qrs under jit checks its draws through a host callback, which needs JAX's CPU "
+                           f"platform, and JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')!r} leaves it out: "
+                           "add cpu (e.g. JAX_PLATFORMS=cuda,cpu), or call it outside jit") from e
 
 
 def _weights(log_P, proposal_logp, log_mass):
@@ -91,8 +86,8 @@ def _weights(log_P, proposal_logp, log_mass):
     # callback, whose ValueError surfaces in the runtime error when the result is computed.
     impossible = (proposal_logp == -jnp.inf) & (log_P > -jnp.inf) & (log_mass > -jnp.inf)
     if any(isinstance(x, jax.core.Tracer) for x in (log_P, proposal_logp, log_mass)):
-        if _host_callbacks_work():
-            jax.debug.callback(_name_impossible_draws, impossible)
+        _require_host_callbacks()
+        jax.debug.callback(_name_impossible_draws, impossible)
     else:
         _name_impossible_draws(impossible)
     log_w = log_target_weights(log_P, proposal_logp)

@@ -251,10 +251,11 @@ def test_a_draw_with_q_zero_is_named_under_jit():
         np.testing.assert_allclose(jitted[key], eager[key], rtol=1e-6, err_msg=key)
 
 
-def test_without_jax_cpu_platform_the_check_under_jit_is_skipped_with_a_warning(monkeypatch):
-    """JAX_PLATFORMS=cuda alone leaves out the CPU platform that host callbacks need: there
-    every callback fails with an INTERNAL error, so the check is skipped and a warning names
-    the fix; the diagnostics still run. Eager calls still name bad draws."""
+def test_without_jax_cpu_platform_jit_names_the_missing_platform(monkeypatch):
+    """JAX_PLATFORMS=cuda alone leaves out the CPU platform that host callbacks need: there the
+    callback failed with an INTERNAL error when run, and skipping the check would give silent
+    nan (ess, tv) for impossible draws. Tracing fails instead, naming the fix; eager calls
+    (no callback) still work and still name bad draws."""
     real = jax.local_devices
 
     def no_cpu(*args, backend=None, **kwargs):
@@ -263,18 +264,14 @@ def test_without_jax_cpu_platform_the_check_under_jit_is_skipped_with_a_warning(
         return real(*args, backend=backend, **kwargs)
 
     monkeypatch.setattr(jax, "local_devices", no_cpu)
-    qrs._host_callbacks_work.cache_clear()
-    # Shapes no other test traces with (jit reuses a trace of the same shapes, callback or not).
+    # Shapes no other test traces with (jit reuses a trace of the same shapes).
     log_P, good_q = jnp.array([0.0, -1.0, -jnp.inf, -2.0, -3.0]), jnp.array([-1.0, -0.5, -jnp.inf, -2.0, -1.0])
-    try:
-        with pytest.warns(RuntimeWarning, match="add cpu to JAX_PLATFORMS"):
-            jitted = jax.jit(qrs.diagnostics)(log_P, good_q, 0.0)
-        assert float(jitted["acceptance_rate"]) == pytest.approx(float(qrs.diagnostics(log_P, good_q, 0.0)
-                                                                       ["acceptance_rate"]))
-        text = jax.jit(qrs.diagnostics).lower(log_P, good_q, 0.5).as_text()
-        assert "callback" not in text
-        with pytest.raises(ValueError, match=r"at indices \[1\]"):
-            qrs.diagnostics(log_P, good_q.at[1].set(-jnp.inf), 0.0)
-    finally:
-        qrs._host_callbacks_work.cache_clear()
+    for fn in (qrs.diagnostics, qrs.log_beta_for_acceptance):
+        with pytest.raises(RuntimeError, match=r"needs JAX's CPU platform.*JAX_PLATFORMS=cuda,cpu"):
+            jax.jit(fn)(log_P, good_q, 0.5)
+    eager = qrs.diagnostics(log_P, good_q, 0.0)
+    assert not any(bool(jnp.isnan(v)) for v in eager.values()), eager
+    with pytest.raises(ValueError, match=r"at indices \[1\]"):
+        qrs.diagnostics(log_P, good_q.at[1].set(-jnp.inf), 0.0)
+    monkeypatch.undo()
     assert "callback" in jax.jit(qrs.diagnostics).lower(log_P[:4], good_q[:4], 0.25).as_text()
