@@ -67,6 +67,11 @@ PEAK_TFLOPS = {"float32": {"NVIDIA H100 80GB HBM3": 494.7, "NVIDIA H200": 494.7,
                             "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5p": 459.0}}
 
 
+def datasheet_peak(dtype: str, device_kind: str) -> float:
+    """--peak_tflops, else PEAK_TFLOPS for the device kind; 0.0 where unknown."""
+    return _PEAK.value or PEAK_TFLOPS[dtype].get(device_kind, 0.0)
+
+
 def timed(fn, *args, repeats=3):
     """Median wall time of fn(*args) (blocked) after one warm-up call; returns (seconds, result)."""
     result = jax.block_until_ready(fn(*args))
@@ -182,7 +187,7 @@ def mesh_compare():
             if backend == "cpu":
                 fraction = f"{achieved / rate:.0%} of matmul"
             else:
-                peak = _PEAK.value or PEAK_TFLOPS["float32"].get(r["device_kind"], 0.0)  # a float32 step
+                peak = datasheet_peak("float32", r["device_kind"])  # a float32 step
                 fraction = f"MFU {achieved / (peak * 1e12 * devices):.1%}" if peak else "(peak unknown)"
             rows.append([model, "×".join(map(str, shape)), f"{r['update_seconds']:.3f}",
                          f"{base['update_seconds'] / r['update_seconds']:.2f}×", f"{r['step_seconds']:.3f}",
@@ -361,7 +366,7 @@ def main(argv):
                   f"{total_flops / t_step / peak_flops:.1%}"])  # one decimal: 69.8% is not the 70% target
     lines.append(common.markdown_table(["part", "seconds", "GFLOP", "GFLOP (XLA, loops once)", "GFLOP/s",
                                         "of matmul rate"], table))
-    peak = _PEAK.value or PEAK_TFLOPS[_DTYPE.value].get(jax.devices()[0].device_kind, 0.0)
+    peak = datasheet_peak(_DTYPE.value, jax.devices()[0].device_kind)
     if jax.default_backend() != "cpu" and peak:
         lines += ["", f"Against the datasheet's dense {_DTYPE.value} peak of {peak:g} TFLOP/s"
                   + (" (TF32)" if _DTYPE.value == "float32" else "") + f": the whole step "
