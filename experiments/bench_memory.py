@@ -13,7 +13,7 @@ loop does. Writes experiments/results/bench_memory{,_tiny}.md.
 
 import os
 
-from absl import app, flags
+from absl import flags
 
 import common
 import jax
@@ -114,4 +114,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

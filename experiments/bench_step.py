@@ -22,7 +22,7 @@ import os
 import statistics
 import time
 
-from absl import app, flags
+from absl import flags
 
 import common
 import jax
@@ -400,4 +400,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -7,12 +7,25 @@ import json
 import os
 import sys
 
-from absl import flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as `python experiments/x.py` from anywhere
     sys.path.insert(0, ROOT)
+
+
+def run(main) -> None:
+    """absl's app.run(main), with the libraries' INFO logs off unless `--verbosity`/`-v` is
+    given: orbax's checkpoint-manager settings, tfds' dataset preparation and JAX's backend
+    probing otherwise bury the samples and the progress bar. Warnings and errors still show."""
+
+    def quiet_main(argv):
+        if not flags.FLAGS["verbosity"].present:
+            logging.set_verbosity(logging.WARNING)
+        return main(argv)
+
+    app.run(quiet_main)
 
 
 def config_module(flag_name: str = "config"):

@@ -28,7 +28,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-import common  # noqa: F401  (puts the repo on sys.path)
+import common  # puts the repo on sys.path
 from fdrl import checkpoint, qrs, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file[:variant].")
@@ -184,4 +184,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

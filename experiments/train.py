@@ -15,10 +15,10 @@ Writes the metric history to <workdir>/train_<target>_<family>_<f>.json.
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-import common  # noqa: F401  (puts the repo on sys.path)
+import common  # puts the repo on sys.path
 from fdrl import toy_train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/toy.py", "Experiment config file[:variant].")
@@ -120,4 +120,4 @@ def _plot_lm(history, path):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

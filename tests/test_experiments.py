@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -23,6 +24,23 @@ def test_train_entry_point(tmp_path):
     (path,) = tmp_path.glob("train_rlhf_tabular_alpha.json")
     history = json.loads(path.read_text())["history"]
     assert history["objective"][0][-1] < history["objective"][0][0]
+
+
+# absl's log-line prefix: level letter, month and day ("I1125 14:17:45.605465 ...").
+_ABSL_INFO_LINE = re.compile(r"^I\d{4} ", re.M)
+
+
+def test_library_info_logs_only_with_verbosity():
+    # Every entry point runs its main through common.run: INFO logs hidden, warnings shown,
+    # and -v 0 brings INFO back.
+    script = ("import common; from absl import logging; "
+              "common.run(lambda argv: logging.info('info probe') or logging.warning('warning probe'))")
+    run = lambda *flags: subprocess.run([sys.executable, "-c", script, *flags], cwd=os.path.join(ROOT, "experiments"),
+                                        capture_output=True, text=True, timeout=120)
+    quiet, loud = run(), run("--verbosity=0")
+    assert quiet.returncode == 0 and loud.returncode == 0, quiet.stderr[-3000:] + loud.stderr[-3000:]
+    assert "warning probe" in quiet.stderr and "info probe" not in quiet.stderr
+    assert "warning probe" in loud.stderr and _ABSL_INFO_LINE.search(loud.stderr) and "info probe" in loud.stderr
 
 
 def test_train_rejects_bad_flag_values():
@@ -60,6 +78,7 @@ def _train_smoke_run(workdir):
 def test_train_entry_point_on_the_lm_path(tmp_path):
     out = _train_smoke_run(tmp_path)
     assert "samples before training" in out.stdout and "samples after training" in out.stdout
+    assert not _ABSL_INFO_LINE.search(out.stderr), out.stderr[-3000:]  # orbax's and tfds' INFO logs
     assert "| kl_p_pi |" in out.stdout
     assert (tmp_path / "metrics.png").stat().st_size > 5_000 and (tmp_path / "summary.md").exists()
     # The run's checkpoint, sampled beside the base model.
