@@ -157,6 +157,10 @@ def test_step_benchmark_reports_every_part(dtype, tmp_path):
     rates = result["matmul_flops_per_s_measured"]
     assert len(rates) == 3 and result["matmul_flops_per_s"] == max(rates) > 1e9
     assert 0.1 < result["peak_rss_gb"] < 24 and result["step_minor_faults"] >= 0
+    # The Adam part's donated buffers pair with its own outputs: with (params, opt_state)
+    # returned for (opt_state, params) donated, the new parameters took the second moment's
+    # buffers and the temporaries held two copies of the parameters (float32) or 1.5 (bfloat16).
+    assert 0 < result["adam_temp_bytes"] <= 1.05 * result["param_f32_bytes"]
     report = (tmp_path / f"{name}.md").read_text()
     assert "the highest of" in report and f"2048³ {dtype} matmul" in report
     assert "at batch 8 and at the evaluation's 8)" in report  # --eval_batch=0: the training batch
