@@ -395,7 +395,8 @@ def main(argv):
               "freed guest memory these faults are slow and the step with them.",
               f"The Adam update part, a jit of its own with the parameters and moments donated, plans "
               f"{adam_temp_bytes / 1e9:.2f} GB of temporaries (a float32 copy of the parameters: "
-              f"{param_f32_bytes / 1e9:.2f} GB): optax's clipping writes a clipped float32 copy of the gradients."]
+              f"{param_f32_bytes / 1e9:.2f} GB)" + (": optax's global-norm clipping writes a clipped float32 copy of "
+                                                       "the gradients." if config.grad_clip > 0 else ".")]
     report = "\n".join(lines)
     suffix = ("" if _MODEL.value == "smollm2" else f"_{_MODEL.value}") + (
         "" if _DTYPE.value == "float32" else f"_{_DTYPE.value}")

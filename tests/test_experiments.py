@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -41,6 +42,9 @@ def test_library_info_logs_only_with_verbosity():
     assert quiet.returncode == 0 and loud.returncode == 0, quiet.stderr[-3000:] + loud.stderr[-3000:]
     assert "warning probe" in quiet.stderr and "info probe" not in quiet.stderr
     assert "warning probe" in loud.stderr and _ABSL_INFO_LINE.search(loud.stderr) and "info probe" in loud.stderr
+    for script in pathlib.Path(ROOT, "experiments").glob("*.py"):
+        if "__main__" in script.read_text():
+            assert "common.run(main)" in script.read_text() and "app.run(" not in script.read_text(), script
 
 
 def test_train_rejects_bad_flag_values():
