@@ -11,8 +11,11 @@ written once as an `array_record` TFDS dataset and read back with
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
+import sys
 import threading
 
 from fdrl import file_lock
@@ -83,8 +86,23 @@ def prepare_text_file(path: str, data_dir: str | None = None) -> str:
     with file_lock.exclusive(target_dir + ".lock"):
         builder = _BUILDER(source_file=path, data_dir=target_dir, file_format="array_record")
         if not os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
-            builder.download_and_prepare()
+            _prepare_quietly(builder, path)
     return target_dir
+
+
+def _prepare_quietly(builder, path: str) -> None:
+    """builder.download_and_prepare() with one line of output instead of tfds' own: it prints
+    "Downloading and preparing dataset Unknown size (download: Unknown size, ...)" and its
+    progress bars, which read as a network download where nothing is fetched. What it printed
+    is shown if preparing fails."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+            builder.download_and_prepare()
+    except BaseException:
+        sys.stderr.write(captured.getvalue())
+        raise
+    print(f"prompts: {path} written once as an array_record TFDS dataset under {builder.data_dir}", flush=True)
 
 
 def load_prompts(source: str, *, split: str = "train", field: str = "prompt", data_dir: str | None = None,

@@ -13,6 +13,34 @@ def test_shipped_sets_and_text_files_through_tfds(tmp_path):
     assert len(data.load_prompts("chat", limit=3)) == 3
 
 
+def test_preparing_a_file_prints_one_line_not_a_download(tmp_path, capsys):
+    path = tmp_path / "quiet.txt"
+    path.write_text("a prompt\n")
+    data.prepare_text_file(str(path), data_dir=str(tmp_path / "tfds"))
+    out = capsys.readouterr()
+    assert out.out.count("\n") == 1 and "written once as an array_record TFDS dataset" in out.out, out
+    assert "Downloading" not in out.out + out.err
+    data.prepare_text_file(str(path), data_dir=str(tmp_path / "tfds"))  # prepared already: nothing printed
+    assert capsys.readouterr().out == ""
+
+
+def test_a_failed_preparation_shows_what_tfds_printed(tmp_path, capsys, monkeypatch):
+    warm = tmp_path / "warm.txt"
+    warm.write_text("x\n")
+    data.prepare_text_file(str(warm), data_dir=str(tmp_path / "warm"))  # builds the builder class
+
+    def failing_prepare(self, *args, **kwargs):
+        print("tfds: preparing")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(data._BUILDER, "download_and_prepare", failing_prepare)
+    path = tmp_path / "fails.txt"
+    path.write_text("a prompt\n")
+    with pytest.raises(RuntimeError, match="disk full"):
+        data.prepare_text_file(str(path), data_dir=str(tmp_path / "tfds"))
+    assert "tfds: preparing" in capsys.readouterr().err
+
+
 def test_unknown_source_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="neither a shipped set"):
         data.load_prompts("no_such_dataset_xyz", data_dir=str(tmp_path))
