@@ -83,12 +83,16 @@ def timed(fn, *args, repeats=3):
     return statistics.median(times), result
 
 
-def xla_flops(jitted, *args) -> float:
-    """XLA's compiled cost analysis. It counts a loop body (scan over layers,
+def compiled_flops(compiled) -> float:
+    """XLA's cost analysis of a compiled executable. It counts a loop body (scan over layers,
     while_loop over decode steps) once, so it is reported beside, not used."""
-    cost = jitted.lower(*args).compile().cost_analysis()
+    cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get("flops", 0.0))
+
+
+def xla_flops(jitted, *args) -> float:
+    return compiled_flops(jitted.lower(*args).compile())
 
 
 @jax.jit
@@ -321,8 +325,8 @@ def main(argv):
         return opt_state, optax.apply_updates(params, updates)
 
     update_fn = jax.jit(adam_step, donate_argnums=(1, 2))
-    adam = xla_flops(update_fn, grads, state.opt_state, state.params)
-    adam_temp_bytes = update_fn.lower(grads, state.opt_state, state.params).compile().memory_analysis().temp_size_in_bytes
+    adam_compiled = update_fn.lower(grads, state.opt_state, state.params).compile()
+    adam, adam_temp_bytes = compiled_flops(adam_compiled), adam_compiled.memory_analysis().temp_size_in_bytes
     param_f32_bytes = 4 * sum(x.size for x in jax.tree.leaves(state.params))
     upd_times = []
     for i in range(_REPEATS.value + 1):
