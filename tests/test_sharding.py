@@ -10,9 +10,7 @@ from configs import smollm2_sentiment
 from fdrl import sharding, train
 from fdrl.models import llama
 
-# The default run fakes 8 CPU devices (conftest); on one accelerator (JAX_PLATFORMS=cuda,cpu)
-# the meshes of these tests do not fit.
-pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (the default run fakes 8 CPU devices)")
+pytestmark = pytest.mark.eight_devices  # skipped with fewer devices (conftest)
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
 

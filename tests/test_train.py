@@ -250,7 +250,7 @@ def test_restore_run_and_generate(tmp_path):
         trainer.generate(latest.params, prompts, key, num_samples=0)
 
 
-@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (the default run fakes 8 CPU devices)")
+@pytest.mark.eight_devices
 def test_generate_pads_to_whole_batch_shards(tmp_path):
     """3 completions on a mesh that splits the batch 8 ways: padded to 8, 3 returned, the same
     texts as on one device."""
