@@ -352,11 +352,7 @@ class Llama(nnx.Module):
         batch, length = tokens.shape
         if valid.shape != tokens.shape:
             raise ValueError(f"valid {valid.shape} and tokens {tokens.shape} shapes disagree")
-        if cache is None:
-            key_valid, size = valid, length
-        else:
-            key_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, index))
-            size = cache.valid.shape[1]
+        key_valid = valid if cache is None else jax.lax.dynamic_update_slice(cache.valid, valid, (0, index))
         cos, sin, mask = _rotary_and_mask(c, key_valid, index, length)
         x = self.embed[...][tokens].astype(cdt)
         layer_params = self._stacked_layers()
