@@ -10,3 +10,12 @@ from fdrl.targets import (distributional_log_potential, fit_lambda, pointwise_lo
                           rlhf_log_potential)
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "divergences", "estimators", "losses", "targets",
+    "DIVERGENCES", "Divergence", "exact_divergence", "get_divergence",
+    "BaselineState", "LogZState", "baseline_init", "baseline_update", "compute_baseline",
+    "log_z_init", "log_z_update", "log_z_value",
+    "fdpg_loss",
+    "distributional_log_potential", "fit_lambda", "pointwise_log_potential", "rlhf_log_potential",
+]
