@@ -181,3 +181,17 @@ def test_readme_python_snippet_runs():
     assert bool(jnp.all(jnp.isfinite(grads["logits"]))) and float(jnp.abs(grads["logits"]).sum()) > 0
     for key in ("u", "pseudo_reward", "advantage", "importance_weight", "log_Z"):
         assert key in diag, f"the README says fdpg_loss returns {key!r}"
+
+
+def test_readme_off_policy_call_runs():
+    # The snippet's commented off-policy call, with its names bound to a batch of values.
+    (snippet,) = python_blocks(_readme())
+    (call,) = [line.lstrip("# ").strip() for line in snippet.splitlines() if line.startswith("# fdpg_loss(")]
+    from fdrl import fdpg_loss
+
+    keys = jax.random.split(jax.random.PRNGKey(1), 3)
+    namespace = dict(fdpg_loss=fdpg_loss, policy_logp=-3.0 + jax.random.normal(keys[0], (8,)),
+                     log_P=-2.0 + jax.random.normal(keys[1], (8,)), q_logp=-3.0 + jax.random.normal(keys[2], (8,)),
+                     log_Z=jnp.float32(0.5), b=jnp.float32(0.1))
+    loss, diag = eval(call, namespace)
+    assert bool(jnp.isfinite(loss)) and diag["importance_weight"].shape == (8,)
