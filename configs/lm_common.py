@@ -86,6 +86,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.decode_transposed_layers = "auto"
     # Estimator.
     c.batch_size = 16
+    # Gradient accumulation: the step samples and differentiates its batch this many samples
+    # at a time (f-DPG only), so sampling and the update need a microbatch's memory while
+    # log Z, the baseline and the gradient are the whole batch's (fdrl.train.accumulated_update).
+    # 0 = the whole batch at once. Must divide batch_size.
+    c.microbatch_size = 0
     c.proposal = "policy"  # "policy" or "offpolicy" (DPG's q ← π when π is closer to p)
     c.baseline = "batch"
     c.baseline_decay = 0.9
@@ -127,7 +132,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every = 1
     c.eval_every = 25
     c.eval_batch_size = 16
-    # Evaluation (and λ fitting) samples this many at a time; 0 = the whole eval_batch_size.
+    # Evaluation (and λ fitting) samples this many at a time; 0 = microbatch_size where that is
+    # set and divides eval_batch_size, else the whole eval_batch_size.
     # Chunks bound the sampler's and the reference scoring's memory for large evaluations; a
     # chunk (or eval_batch_size) equal to batch_size calls the training sampler's compiled
     # executable instead of keeping a second one (~0.1 GB resident on SmolLM2).

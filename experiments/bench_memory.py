@@ -2,16 +2,21 @@ r"""Peak resident memory of the f-DPG trainer, phase by phase (Linux).
 
   python experiments/bench_memory.py                 # SmolLM2, batch 32 × 32 new tokens, on-policy js
   python experiments/bench_memory.py --model=tiny
+  python experiments/bench_memory.py --batch=64 --microbatch=32   # gradient accumulation
 
 The process's peak (VmHWM in /proc/self/status) is reset between phases by writing
 5 to /proc/self/clear_refs, so each row is the peak of that phase alone: loading,
 compiling ahead (Trainer.compile, as the training loop does before the state exists),
 the train state, the first sampling call, the first trainer step, then --steps steps
 and --steps sampling calls after them (their largest peak). Freed heap is released between phases, as the training
-loop does. Writes experiments/results/bench_memory{,_tiny}.md.
+loop does. With --microbatch the step samples and differentiates its batch that many at a
+time (config.microbatch_size) and the sampling rows are a microbatch's. Writes
+experiments/results/bench_memory{,_tiny}{,_b<batch>}{,_micro<n>}.md.
 """
 
 import os
+import statistics
+import time
 
 from absl import flags
 
@@ -26,6 +31,8 @@ _BATCH = flags.DEFINE_integer("batch", 32, "Samples per step.")
 _NEW = flags.DEFINE_integer("new_tokens", 32, "New tokens per sample.")
 _EVAL_BATCH = flags.DEFINE_integer("eval_batch", 0, "config.eval_batch_size (its sampler and reference scoring are "
                                    "compiled ahead); 0 = --batch, sharing the training sampler's executable.")
+_MICRO = flags.DEFINE_integer("microbatch", 0, "config.microbatch_size: samples per sampling call and per "
+                              "gradient pass of a step (gradient accumulation); 0 = the whole --batch.")
 _STEPS = flags.DEFINE_integer("steps", 2, "Steps (and sampling calls) after the first, for the steady peaks.")
 _OUT = flags.DEFINE_string("out", "experiments/results", "Output folder.")
 
@@ -56,7 +63,8 @@ def main(argv):
 
     config = smollm2_sentiment.get_config()
     config.update(dict(model=_MODEL.value, batch_size=_BATCH.value, eval_batch_size=_EVAL_BATCH.value or _BATCH.value,
-                       max_new_tokens=_NEW.value, f="js", progress_bar=False))
+                       max_new_tokens=_NEW.value, f="js", progress_bar=False, microbatch_size=_MICRO.value))
+    sample_rows = _MICRO.value or config.batch_size  # what one of the step's sampling calls draws
     trainer = train.Trainer(config)
     phase("load (runtime, tokenizer, prompts, reference)")
     trainer.compile()
@@ -65,7 +73,7 @@ def main(argv):
     phase("train state (policy, Adam moments)")
 
     def sample(i):
-        out = trainer.sample(state.params, jax.random.PRNGKey(i), config.batch_size)
+        out = trainer.sample(state.params, jax.random.PRNGKey(i), sample_rows)
         jax.block_until_ready(out)
 
     sample(0)
@@ -73,10 +81,12 @@ def main(argv):
     state, scalars = trainer.step(state)
     float(scalars["loss"])
     phase("first trainer step")
-    steps, samples = [], []
+    steps, samples, seconds = [], [], []
     for i in range(_STEPS.value):
+        start = time.perf_counter()
         state, scalars = trainer.step(state)
         float(scalars["loss"])
+        seconds.append(time.perf_counter() - start)
         steps.append(_status_gb("VmHWM"))
         host_memory.release_free_heap()
         _reset_peak()
@@ -86,19 +96,22 @@ def main(argv):
         host_memory.release_free_heap()
         _reset_peak()
     rows.append([f"trainer step (largest of {_STEPS.value})", f"{max(steps):.2f}", ""])
-    rows.append([f"sampling call (largest of {_STEPS.value})", f"{max(samples):.2f}", ""])
+    rows.append([f"sampling call of {sample_rows} (largest of {_STEPS.value})", f"{max(samples):.2f}", ""])
     # What XLA plans for the update: its arguments (reference + train state) and temporaries.
-    prompt, valid, out, ctx = trainer.sample(state.params, jax.random.PRNGKey(0), config.batch_size)
-    batch = trainer.update_batch(prompt, valid, out, trainer.score(out), ctx)
+    batch = trainer.step_batch(state.params, jax.random.PRNGKey(0))
+    eval_rows = train.eval_chunk_size(config)
     plan = trainer._update.lower(trainer.task.ref_params, trainer.abstract_state, *batch).compile().memory_analysis()
     report = "\n".join([
-        f"# Trainer memory by phase: {_MODEL.value}, batch {config.batch_size} × {config.max_new_tokens} new tokens, "
-        f"on-policy js", "",
+        f"# Trainer memory by phase: {_MODEL.value}, batch {config.batch_size} × {config.max_new_tokens} new tokens"
+        f"{f' in microbatches of {_MICRO.value}' if _MICRO.value else ''}, on-policy js", "",
         f"Command: `python experiments/bench_memory.py --model={_MODEL.value}"
+        f"{f' --batch={_BATCH.value}' if _BATCH.value != 32 else ''}"
+        f"{f' --microbatch={_MICRO.value}' if _MICRO.value else ''}"
         f"{f' --eval_batch={_EVAL_BATCH.value}' if _EVAL_BATCH.value else ''}`", "",
         f"Evaluation batch {config.eval_batch_size}"
-        + (" (= the training batch: evaluation samples with the training sampler's executable; each further "
-           "compiled sampler stays resident, ~0.1 GB on SmolLM2)." if config.eval_batch_size == config.batch_size
+        + (f" in chunks of {eval_rows}" if eval_rows != config.eval_batch_size else "")
+        + (" (= the training sampler's rows: evaluation samples with its executable; each further "
+           "compiled sampler stays resident, ~0.1 GB on SmolLM2)." if eval_rows == sample_rows
            else " (its sampler is a second executable: ~0.1 GB resident on SmolLM2)."), "",
         f"jax {jax.__version__}, {os.cpu_count()} cores; remat {config.remat}, quantized_reference "
         f"{config.quantized_reference} (SmolLM2 only). GB = 10⁹ bytes.{common.heap_note()}", "",
@@ -107,9 +120,12 @@ def main(argv):
         f"{plan.argument_size_in_bytes / 1e9:.2f} GB (reference, train state, batch), temporaries "
         f"{plan.temp_size_in_bytes / 1e9:.2f} GB (gradients, logits, saved activations), outputs "
         f"{plan.output_size_in_bytes / 1e9:.2f} GB of which {plan.alias_size_in_bytes / 1e9:.2f} GB alias the "
-        "donated state.",
+        "donated state.", "",
+        f"The {_STEPS.value} steps after the first took {statistics.median(seconds):.2f} s each (median; sampling, "
+        "host scoring and the update, as the training loop runs them; compare times within one host's runs).",
     ])
-    suffix = "" if _MODEL.value == "smollm2" else f"_{_MODEL.value}"
+    suffix = ("" if _MODEL.value == "smollm2" else f"_{_MODEL.value}") + (
+        f"_b{_BATCH.value}" if _BATCH.value != 32 else "") + (f"_micro{_MICRO.value}" if _MICRO.value else "")
     common.write_results(_OUT.value, f"bench_memory{suffix}", report)
 
 

@@ -135,6 +135,13 @@ def validate(config) -> None:
     check_number(config, "baseline_decay", low=0, high=1, high_open=True)
     check_int(config, "baseline_window", low=1)
     check_int(config, "batch_size", low=2)
+    micro = check_int(config, "microbatch_size", low=0) if "microbatch_size" in config else 0
+    if micro and config.batch_size % micro:
+        raise ValueError(f"microbatch_size={micro} must be 0 (the whole batch at once) or divide "
+                         f"batch_size={config.batch_size}")
+    if micro and micro != config.batch_size and config.algo != "fdpg":
+        raise ValueError(f"microbatch_size={micro} is for algo='fdpg'; algo={config.algo!r} updates on "
+                         "ppo.minibatches of its batch instead")
     check_int(config, "max_new_tokens", low=1)
     check_number(config, "temperature", low=0)
     check_int(config, "top_k", low=0)
@@ -170,8 +177,13 @@ def validate(config) -> None:
 
 
 def eval_chunk_size(config) -> int:
-    """Samples per sampler call in evaluation and λ fitting: config.eval_chunk, 0 = all."""
-    return config.get("eval_chunk", 0) or config.eval_batch_size
+    """Samples per sampler call in evaluation and λ fitting: config.eval_chunk; 0 = the
+    training microbatch where one is set and divides eval_batch_size (a run that samples
+    in microbatches to save memory evaluates in them too), else all at once."""
+    if config.get("eval_chunk", 0):
+        return config.eval_chunk
+    micro = config.get("microbatch_size", 0)
+    return micro if micro and config.eval_batch_size % micro == 0 else config.eval_batch_size
 
 
 def build_task(config, mesh=None, rules=None) -> Task:
@@ -257,40 +269,41 @@ def reuses_sampler_states(config) -> bool:
     """Whether the update differentiates the policy from the sampler's saved layer inputs
     (llama.continuation_logp_from_states) instead of a forward pass of its own: asked for
     (`config.reuse_sampler_states`) and possible, i.e. f-DPG drawing from π itself
-    (on-policy, temperature 1, no top-k or top-p), so that the sampler ran π's forward."""
+    (on-policy, temperature 1, no top-k or top-p), so that the sampler ran π's forward, in
+    one sampling call (with microbatches, every call's states would be held until the
+    update: memory that grows with the whole batch)."""
     return (bool(config.get("reuse_sampler_states", False)) and config.algo == "fdpg"
-            and config.proposal != "offpolicy" and _is_pure_sampling(config))
+            and config.proposal != "offpolicy" and _is_pure_sampling(config) and num_microbatches(config) == 1)
 
 
-def update(config, graphdef, optimizer, ref_params, state: LMTrainState, prompt, prompt_valid, completion, mask,
-           sampler_logp, log_potential, context_ids, states=None):
-    """The jitted part of a step. Returns (state, scalars). `states`: the sampler's
-    (reuses_sampler_states), which replace the policy's forward pass."""
-    state = _advance_key(state)
-    div = divergences.get_divergence(config.f, alpha=config.get("alpha"))
-    ref_tok, _ = llama.continuation_logp(graphdef, ref_params, prompt, prompt_valid, completion, mask)
-    ref_logp = jnp.sum(ref_tok, axis=1)
+def num_microbatches(config) -> int:
+    """How many microbatches of config.microbatch_size a step's batch is drawn and
+    differentiated in (1: the whole batch at once)."""
+    size = config.get("microbatch_size", 0)
+    return config.batch_size // size if size else 1
+
+
+def _estimates(config, state: LMTrainState, ref_logp, log_potential, proposal_logp, context_ids):
+    """log P [B], and log Z's running state and value with this batch in it."""
     log_P = ref_logp + log_potential
-    proposal_logp = jnp.sum(sampler_logp, axis=1)
     ctx = context_ids if config.conditional else None
     log_z = estimators.log_z_update(state.log_z, log_P, proposal_logp, ctx)
-    log_Z = estimators.log_z_value(log_z, ctx)
+    return log_P, log_z, estimators.log_z_value(log_z, ctx)
+
+
+def _fdpg_batch_loss(config, state: LMTrainState, policy_logp, log_P, proposal_logp, log_Z):
+    """fdpg_loss on the step's whole batch [B]: (loss, diagnostics)."""
     # Importance weights are needed whenever the sampling distribution is not π itself.
     weighted = config.proposal == "offpolicy" or not _is_pure_sampling(config)
-    baseline_fn = functools.partial(estimators.compute_baseline, config.baseline, state.baseline)
+    return fdpg_loss(divergences.get_divergence(config.f, alpha=config.get("alpha")), policy_logp, log_P=log_P,
+                     proposal_logp=proposal_logp if weighted else None, log_Z=log_Z,
+                     baseline=functools.partial(estimators.compute_baseline, config.baseline, state.baseline),
+                     max_abs_u=config.max_abs_u)
 
-    def loss_fn(params):
-        if states is None:
-            tok_logp, _ = llama.continuation_logp(graphdef, params, prompt, prompt_valid, completion, mask)
-        else:
-            tok_logp = llama.continuation_logp_from_states(graphdef, params, prompt, prompt_valid, completion, mask,
-                                                           states, sampler_logp)
-        policy_logp = jnp.sum(tok_logp, axis=1)
-        loss, diag = fdpg_loss(div, policy_logp, log_P=log_P, proposal_logp=proposal_logp if weighted else None,
-                               log_Z=log_Z, baseline=baseline_fn, max_abs_u=config.max_abs_u)
-        return loss, (diag, policy_logp)
 
-    (loss, (diag, policy_logp)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+def _apply_gradients(config, optimizer, state: LMTrainState, grads, loss, diag, policy_logp, ref_logp, log_P,
+                     proposal_logp, log_z, log_Z, mask):
+    """The optimiser step, DPG's proposal swap and the estimators' states: (state, scalars)."""
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 
@@ -309,8 +322,82 @@ def update(config, graphdef, optimizer, ref_params, state: LMTrainState, prompt,
                          key=state.key, step=state.step + 1)
     scalars = dict(loss=loss, log_Z=jnp.mean(log_Z), pseudo_reward=jnp.mean(diag["pseudo_reward"]),
                    importance_weight_max=jnp.max(diag["importance_weight"]), proposal_swapped=swapped,
-                   kl_pi_a_batch=jnp.mean(policy_logp - ref_logp), completion_tokens=jnp.mean(jnp.sum(mask, 1)))
+                   kl_pi_a_batch=jnp.mean(policy_logp - ref_logp),
+                   completion_tokens=jnp.sum(mask) / policy_logp.shape[0])
     return state, scalars
+
+
+def update(config, graphdef, optimizer, ref_params, state: LMTrainState, prompt, prompt_valid, completion, mask,
+           sampler_logp, log_potential, context_ids, states=None):
+    """The jitted part of a step. Returns (state, scalars). `states`: the sampler's
+    (reuses_sampler_states), which replace the policy's forward pass."""
+    state = _advance_key(state)
+    ref_tok, _ = llama.continuation_logp(graphdef, ref_params, prompt, prompt_valid, completion, mask)
+    ref_logp = jnp.sum(ref_tok, axis=1)
+    proposal_logp = jnp.sum(sampler_logp, axis=1)
+    log_P, log_z, log_Z = _estimates(config, state, ref_logp, log_potential, proposal_logp, context_ids)
+
+    def loss_fn(params):
+        if states is None:
+            tok_logp, _ = llama.continuation_logp(graphdef, params, prompt, prompt_valid, completion, mask)
+        else:
+            tok_logp = llama.continuation_logp_from_states(graphdef, params, prompt, prompt_valid, completion, mask,
+                                                           states, sampler_logp)
+        policy_logp = jnp.sum(tok_logp, axis=1)
+        loss, diag = _fdpg_batch_loss(config, state, policy_logp, log_P, proposal_logp, log_Z)
+        return loss, (diag, policy_logp)
+
+    (loss, (diag, policy_logp)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return _apply_gradients(config, optimizer, state, grads, loss, diag, policy_logp, ref_logp, log_P, proposal_logp,
+                            log_z, log_Z, mask)
+
+
+def accumulated_update(config, graphdef, optimizer, ref_params, state: LMTrainState, prompt, prompt_valid,
+                       completion, mask, sampler_logp, log_potential, context_ids):
+    """`update` for a batch drawn in M microbatches (config.microbatch_size): each argument
+    after the state is a tuple of M arrays [b, ...], one per sampling call.
+
+    The estimators need the whole batch (log Z, the baseline, the importance weights'
+    normalisation), so this runs in two passes, each over one microbatch at a time:
+    (1) sequence log-probs under the reference, and under π unless the sampler drew from
+    π itself (on-policy at temperature 1, whose log-probs are π's); then `fdpg_loss` on all
+    B = M·b of them, whose gradient with respect to the vector log π [B] is exact, since the
+    loss is linear in log π (the coefficients are stop-gradients); (2) the parameters'
+    gradient Σ_i ∂loss/∂log π_i · ∇ log π_i, a microbatch at a time: a forward pass keeps
+    each layer's input and the backward pass adds each layer's gradient into the float32
+    sums (`llama.accumulate_continuation_grads`). The result is the whole batch's gradient,
+    to float32 summation order; the update's memory is about that of a microbatch's update.
+    """
+    state = _advance_key(state)
+    prompt, prompt_valid, completion, mask, sampler_logp, log_potential, context_ids = (
+        jnp.stack(x) for x in (prompt, prompt_valid, completion, mask, sampler_logp, log_potential, context_ids))
+    micro, size = completion.shape[:2]
+    batch = (prompt, prompt_valid, completion, mask)  # [M, b, ...]
+
+    def sequence_logp(params, microbatch):  # [b]
+        return jnp.sum(llama.continuation_logp(graphdef, params, *microbatch)[0], axis=1)
+
+    ref_logp = jax.lax.map(functools.partial(sequence_logp, ref_params), batch).reshape(-1)
+    proposal_logp = jnp.sum(sampler_logp, axis=2).reshape(-1)
+    if config.proposal != "offpolicy" and _is_pure_sampling(config):
+        policy_logp = proposal_logp
+    else:
+        policy_logp = jax.lax.map(functools.partial(sequence_logp, state.params), batch).reshape(-1)
+    log_P, log_z, log_Z = _estimates(config, state, ref_logp, log_potential.reshape(-1), proposal_logp,
+                                     context_ids.reshape(-1))
+    (loss, diag), dloss_dlogp = jax.value_and_grad(
+        lambda logp: _fdpg_batch_loss(config, state, logp, log_P, proposal_logp, log_Z), has_aux=True)(policy_logp)
+
+    def accumulate(grads, xs):  # each layer's gradient is added into the sums as it is made
+        microbatch, coeff = xs
+        token_cotangent = jnp.broadcast_to(coeff[:, None], microbatch[2].shape)
+        return llama.accumulate_continuation_grads(graphdef, state.params, *microbatch, token_cotangent, grads), None
+
+    sums = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    sums, _ = jax.lax.scan(accumulate, sums, (batch, dloss_dlogp.reshape(micro, size)))
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), sums, state.params)
+    return _apply_gradients(config, optimizer, state, grads, loss, diag, policy_logp, ref_logp, log_P, proposal_logp,
+                            log_z, log_Z, mask)
 
 
 def ppo_update(config, graphdef, optimizer, ref_params, state: LMTrainState, prompt, prompt_valid, completion, mask,
@@ -391,7 +478,8 @@ class StepParts(NamedTuple):
     state_shardings: LMTrainState  # of NamedShardings
     abstract_state: LMTrainState  # ShapeDtypeStructs carrying state_shardings: a restore target
     init: object  # jitted ref_params -> LMTrainState, created on its shards
-    update: object  # jitted update: (ref_params, state, *UPDATE_BATCH[, states]) -> (state, scalars)
+    update: object  # jitted update: (ref_params, state, *UPDATE_BATCH[, states]) -> (state, scalars);
+    # with microbatches (num_microbatches > 1) each UPDATE_BATCH argument is a tuple of them
 
 
 def update_compiler_options(config, mesh) -> Optional[dict]:
@@ -419,7 +507,8 @@ def build_step(config, graphdef, params, num_contexts: int, mesh, rules) -> Step
     batch_shardings = tuple(sharding.batch_sharding(mesh, rules, rank) for _, rank, _ in UPDATE_BATCH)
     if reuses_sampler_states(config):  # the sampler's SampleOutput.states, [B, L + 1, slots, D]
         batch_shardings += (sharding.batch_sharding(mesh, rules, 4),)
-    update_fn = update if config.algo == "fdpg" else ppo_update
+    update_fn = (ppo_update if config.algo != "fdpg" else
+                 accumulated_update if num_microbatches(config) > 1 else update)
     jitted_update = jax.jit(functools.partial(update_fn, config, graphdef, optimizer),
                             in_shardings=(ref_shardings, train_state_shardings, *batch_shardings),
                             out_shardings=(train_state_shardings, sharding.replicated(mesh)), donate_argnums=(1,),
@@ -435,12 +524,14 @@ def lower_update(config, model_config: llama.LlamaConfig, mesh, rules, prompt_le
     (`.compile().memory_analysis()` then gives the bytes per device)."""
     graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: llama.Llama(model_config, rngs=nnx.Rngs(0))))
     parts = build_step(config, graphdef, abstract_params, num_contexts, mesh, rules)
-    b = config.batch_size
+    micro = num_microbatches(config)
+    b = config.batch_size // micro
     batch = []
     for name, rank, dtype in UPDATE_BATCH:
         width = prompt_len if name.startswith("prompt") else config.max_new_tokens
         shape = (b, width) if rank == 2 else (b,)
-        batch.append(jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, rules, rank)))
+        array = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, rules, rank))
+        batch.append(array if micro == 1 else (array,) * micro)
     if reuses_sampler_states(config):
         batch.append(states_shape(config, model_config, prompt_len, b, mesh, rules))
     return parts.update.lower(sharding.with_shardings(abstract_params, parts.param_shardings), parts.abstract_state,
@@ -466,7 +557,8 @@ class Trainer:
         self.mesh = sharding.mesh_from_config(config.mesh)
         self.rules = sharding.parse_rules(config.mesh.rules)
         for field, size in (("batch_size", config.batch_size), ("eval_batch_size", config.eval_batch_size),
-                            ("eval_chunk", eval_chunk_size(config))):
+                            ("eval_chunk", eval_chunk_size(config)),
+                            ("microbatch_size", config.batch_size // num_microbatches(config))):
             sharding.check_batch(self.mesh, self.rules, size, f"{field}={size}")
         if task is None:
             task = build_task(config, self.mesh, self.rules)
@@ -536,12 +628,15 @@ class Trainer:
             tokens, mask = self.shard_batch(np.zeros((size, n), np.int32), np.ones((size, n), bool))
             return prompt, valid, key, ctx, tokens, mask
 
-        prompt, valid, key, ctx, tokens, mask = batch(c.batch_size)
-        logp, log_potential = self.shard_batch(np.zeros(tokens.shape, np.float32), np.zeros(c.batch_size, np.float32))
-        states = ((states_shape(c, self.task.model_config, prompt.shape[1], c.batch_size, self.mesh, self.rules),)
+        micro = num_microbatches(c)
+        size = c.batch_size // micro
+        prompt, valid, key, ctx, tokens, mask = batch(size)
+        logp, log_potential = self.shard_batch(np.zeros(tokens.shape, np.float32), np.zeros(size, np.float32))
+        states = ((states_shape(c, self.task.model_config, prompt.shape[1], size, self.mesh, self.rules),)
                   if reuses_sampler_states(c) else ())
-        self._update.lower(self.task.ref_params, self.abstract_state, prompt, valid, tokens, mask, logp,
-                           log_potential, ctx, *states).compile()
+        args = (prompt, valid, tokens, mask, logp, log_potential, ctx)
+        self._update.lower(self.task.ref_params, self.abstract_state,
+                           *(args if micro == 1 else ((a,) * micro for a in args)), *states).compile()
         self.task.sampler.lower(policy, prompt, valid, key, c.temperature, c.top_p).compile()
         prompt, valid, key, ctx, tokens, mask = batch(eval_chunk_size(c))
         self.task.sampler.lower(policy, prompt, valid, key, 1.0, 1.0).compile()  # evaluate
@@ -600,12 +695,24 @@ class Trainer:
         """Samples, scores on the host, then the jitted update (which advances state.key)."""
         step_key = jax.random.split(state.key)[1]
         sampler_params = state.params if state.proposal_params is None else state.proposal_params
-        prompt, valid, out, ctx = self.sample(sampler_params, step_key, self.config.batch_size)
-        log_potential = self.score(out)  # waits for the sampler
+        batch = self.step_batch(sampler_params, step_key)
         # The sampler's freed buffers back to the OS before the update allocates its own
         # (glibc keeps ~1 GB of them otherwise: fdrl.host_memory).
         host_memory.release_free_heap()
-        return self._update(self.task.ref_params, state, *self.update_batch(prompt, valid, out, log_potential, ctx))
+        return self._update(self.task.ref_params, state, *batch)
+
+    def step_batch(self, sampler_params, key: Array) -> tuple:
+        """A step's samples, scored: the update's arguments after the train state. With
+        microbatches (config.microbatch_size), one sampling call each (microbatch i from key
+        fold_in(key, i)), every argument a tuple of them."""
+        micro = num_microbatches(self.config)
+        size = self.config.batch_size // micro
+        parts = []
+        for i in range(micro):  # one microbatch keeps the key: the same samples as before microbatches existed
+            prompt, valid, out, ctx = self.sample(sampler_params, key if micro == 1 else jax.random.fold_in(key, i),
+                                                  size)
+            parts.append(self.update_batch(prompt, valid, out, self.score(out), ctx))  # score waits for the sampler
+        return parts[0] if micro == 1 else tuple(zip(*parts))
 
     def update_batch(self, prompt, valid, out, log_potential, ctx) -> tuple:
         """The update's arguments after the train state, from a sampling call and its scores:

@@ -137,14 +137,15 @@ def _run_tiny_benchmark(script, out_dir, *flags):
 # Slow on a 2-core CPU (20–55 s); `make test-slow` runs it, keeping the default run under 15 minutes.
 @pytest.mark.slow
 def test_memory_benchmark_reports_every_phase(tmp_path):
-    _run_tiny_benchmark("bench_memory.py", tmp_path, "--steps=1", "--eval_batch=16")
-    rows = [line.split(" | ") for line in (tmp_path / "bench_memory_tiny.md").read_text().splitlines()
-            if line.startswith("| ") and "GB" not in line]
-    assert [r[0].lstrip("| ") for r in rows][-2:] == ["trainer step (largest of 1)", "sampling call (largest of 1)"]
+    _run_tiny_benchmark("bench_memory.py", tmp_path, "--steps=1", "--eval_batch=16", "--batch=16", "--microbatch=8")
+    report = (tmp_path / "bench_memory_tiny_b16_micro8.md").read_text()
+    rows = [line.split(" | ") for line in report.splitlines() if line.startswith("| ") and "GB" not in line]
+    assert [r[0].lstrip("| ") for r in rows][-2:] == ["trainer step (largest of 1)",
+                                                      "sampling call of 8 (largest of 1)"]
     peaks = [float(r[1]) for r in rows]
     assert len(peaks) == 7 and all(0.1 < p < 24 for p in peaks)
-    report = (tmp_path / "bench_memory_tiny.md").read_text()
-    assert "temporaries" in report and "--eval_batch=16`" in report and "Evaluation batch 16 (its sampler" in report
+    assert "temporaries" in report and "--batch=16 --microbatch=8 --eval_batch=16`" in report
+    assert "batch 16 × 4 new tokens in microbatches of 8" in report and "Evaluation batch 16 (its sampler" in report
 
 
 @pytest.mark.slow

@@ -379,6 +379,34 @@ def test_gradient_from_sampler_states_equals_teacher_forcing(chunk):
                                             out.logp[:, 1:])
 
 
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "lm_head"])
+def test_accumulated_gradient_adds_teacher_forcings(tied):
+    """accumulate_continuation_grads: into + the gradient of Σ c · token_logp (autodiff through
+    continuation_logp) to round-off, for each parameter; twice from zero is twice the gradient."""
+    config = llama.LlamaConfig.tiny(logits_chunk=4, tie_embeddings=tied)
+    graphdef, params = nnx.split(llama.Llama(config, rngs=nnx.Rngs(0)))
+    prompt = jnp.array([[0, 5, 6, 7], [8, 9, 10, 11], [0, 0, 0, 4]])
+    valid = prompt != 0
+    completion = jax.random.randint(jax.random.PRNGKey(1), (3, 5), 1, config.vocab_size)
+    mask = jnp.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]], bool)
+    cotangent = jax.random.normal(jax.random.PRNGKey(2), mask.shape)
+    grads = jax.grad(lambda p: jnp.sum(cotangent * llama.continuation_logp(
+        graphdef, p, prompt, valid, completion, mask)[0]))(params)
+    into = jax.tree.map(lambda g: jax.random.normal(jax.random.PRNGKey(3), g.shape), grads)
+    accumulate = jax.jit(functools.partial(llama.accumulate_continuation_grads, graphdef))
+    total = accumulate(params, prompt, valid, completion, mask, cotangent, into)
+    twice = accumulate(params, prompt, valid, completion, mask, cotangent,
+                       accumulate(params, prompt, valid, completion, mask, cotangent,
+                                  jax.tree.map(jnp.zeros_like, grads)))
+    for (path, g), start, t, t2 in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(into),
+                                       jax.tree.leaves(total), jax.tree.leaves(twice)):
+        assert float(jnp.abs(g).max()) > 0, path
+        np.testing.assert_allclose(t - start, g, atol=2e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(t2, 2 * g, atol=4e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+    with pytest.raises(ValueError, match=r"token_cotangent \(3, 4\) must be \[B, N\]"):
+        llama.accumulate_continuation_grads(graphdef, params, prompt, valid, completion, mask, cotangent[:, 1:], into)
+
+
 def test_gradient_from_sampler_states_stays_finite_at_extreme_logits():
     """Logits up to ~700 in size (embedding × 1e3, tied head): the sampler, its log-probs and the
     gradient from its states stay finite."""

@@ -176,6 +176,9 @@ BAD_FIELDS = [
     ("checkpoint_every", -1, "fdpg", "checkpoint_every=-1 must be an integer >= 0"),
     ("eval_batch_size", 0, "fdpg", "eval_batch_size=0 must be an integer >= 1"),
     ("eval_chunk", -4, "fdpg", "eval_chunk=-4 must be an integer >= 0"),
+    ("microbatch_size", -2, "fdpg", "microbatch_size=-2 must be an integer >= 0"),
+    ("microbatch_size", 3, "fdpg", r"microbatch_size=3 must be 0 \(the whole batch at once\) or divide batch_size=16"),
+    ("microbatch_size", 8, "ppo", "microbatch_size=8 is for algo='fdpg'; algo='ppo' updates on ppo.minibatches"),
 ]
 
 
@@ -308,10 +311,10 @@ def test_two_ppo_steps_on_the_tiny_model(algo, tmp_path):
         assert float(state.kl.beta) != 0.1  # the adaptive controller moved
 
 
-@pytest.mark.parametrize("overrides", [dict(), dict(eval_batch_size=8, eval_chunk=4),
+@pytest.mark.parametrize("overrides", [dict(), dict(eval_batch_size=8, eval_chunk=4, microbatch_size=2),
                                        pytest.param(dict(top_k=5, eval_batch_size=4, proposal="offpolicy"),
                                                     marks=pytest.mark.slow)],
-                         ids=["default", "eval-chunks", "topk-offpolicy"])
+                         ids=["default", "eval-chunks-microbatches", "topk-offpolicy"])
 def test_compile_ahead_covers_the_whole_run(overrides, tmp_path, monkeypatch, caplog):
     """Trainer.compile() compiles, before any train state exists, everything the run then
     calls: XLA compiles none of the update, the sampler or the scoring again during λ
@@ -321,7 +324,7 @@ def test_compile_ahead_covers_the_whole_run(overrides, tmp_path, monkeypatch, ca
     trainer = train.Trainer(config)
     caplog.set_level(logging.DEBUG, logger="jax._src.dispatch")
     trainer.compile()
-    names = ("jit(update)", "jit(_sample)", "jit(sequence_logp)")
+    names = ("update)", "jit(_sample)", "jit(sequence_logp)")  # update or accumulated_update
     ahead = [r.getMessage() for r in caplog.records if "Finished XLA compilation" in r.getMessage()]
     assert all(any(n in m for m in ahead) for n in names), ahead
     caplog.clear()
@@ -354,5 +357,64 @@ def test_update_from_sampler_states_matches_teacher_forcing(tmp_path):
     # Adam's first step moves each weight by ±lr, the sign of its gradient: the same signs
     # (but for gradients within round-off of 0) means the same gradient.
     assert np.mean(moves_a == moves_b) > 0.99
-    for overrides in (dict(proposal="offpolicy"), dict(top_k=5), dict(temperature=0.7), dict(algo="ppo")):
+    for overrides in (dict(proposal="offpolicy"), dict(top_k=5), dict(temperature=0.7), dict(algo="ppo"),
+                      dict(microbatch_size=2)):
         assert not train.reuses_sampler_states(smoke(smollm2_sentiment, tmp_path, **overrides)), overrides
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(proposal="offpolicy"), dict(temperature=0.7)],
+                         ids=["on-policy", "off-policy", "tempered"])
+def test_microbatched_update_is_the_whole_batch_update(overrides, tmp_path):
+    """microbatch_size (gradient accumulation): the batch's 2 microbatches give the whole
+    batch's gradient, loss and estimator states. The optimiser here keeps the gradient as
+    its state. π is moved away from a (and, off-policy, from q) first, and the log-potentials
+    are random: the tiny model's texts all score 0, and at π = a = p the gradient would be 0."""
+    import functools
+
+    import jax.numpy as jnp
+    import optax
+
+    config = smoke(smollm2_sentiment, tmp_path, reuse_sampler_states=False, **overrides)
+    trainer = train.Trainer(config)
+    zeros = functools.partial(jax.tree.map, jnp.zeros_like)
+    keep_gradient = optax.GradientTransformation(zeros, lambda grads, _, params=None: (zeros(grads), grads))
+    state = trainer.init_state()
+    noise = jax.random.split(jax.random.PRNGKey(1), len(jax.tree.leaves(state.params)))
+    state = state._replace(params=jax.tree.unflatten(jax.tree.structure(state.params), [
+        x + 0.02 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(jax.tree.leaves(state.params), noise)]))
+    state = state._replace(opt_state=keep_gradient.init(state.params))
+    sampler_params = state.params if state.proposal_params is None else state.proposal_params
+    batch = list(trainer.step_batch(sampler_params, jax.random.PRNGKey(0)))  # the whole batch of 4
+    batch[5] = trainer.shard_batch(np.asarray([0.5, -1.0, 2.0, 0.0], np.float32))  # log-potentials
+    halves = tuple((a[:2], a[2:]) for a in batch)
+    results = []
+    for update, args in ((train.update, batch), (train.accumulated_update, halves)):
+        new, scalars = jax.jit(functools.partial(update, config, trainer.task.graphdef, keep_gradient))(
+            trainer.task.ref_params, state, *args)
+        grads = [np.asarray(g) for g in jax.tree.leaves(new.opt_state)]
+        results.append((grads, {k: float(v) for k, v in scalars.items()}, new))
+    (whole_grads, whole, whole_state), (micro_grads, micro, micro_state) = results
+    norm = np.sqrt(sum(float(np.sum(g ** 2)) for g in whole_grads))
+    assert norm > 0 and len(whole_grads) == len(jax.tree.leaves(state.params))
+    for a, b in zip(whole_grads, micro_grads):
+        assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(a) + 1e-7 * norm
+    for k, v in whole.items():
+        assert micro[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
+    if config.proposal == "offpolicy":
+        assert whole["importance_weight_max"] != 1.0
+    for a, b in zip(jax.tree.leaves((whole_state.log_z, whole_state.baseline, whole_state.key, whole_state.step)),
+                    jax.tree.leaves((micro_state.log_z, micro_state.baseline, micro_state.key, micro_state.step))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_evaluation_chunks_follow_the_microbatch():
+    """eval_chunk = 0 evaluates a microbatch at a time where the run samples in them (and the
+    microbatch divides eval_batch_size), else all at once; a set eval_chunk wins."""
+    config = smollm2_word.get_config()
+    assert (config.eval_batch_size, train.eval_chunk_size(config)) == (16, 16)
+    config.batch_size, config.microbatch_size = 64, 8
+    assert train.eval_chunk_size(config) == 8
+    config.microbatch_size = 32  # does not divide 16
+    assert train.eval_chunk_size(config) == 16
+    config.eval_chunk = 4
+    assert train.eval_chunk_size(config) == 4

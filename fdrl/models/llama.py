@@ -852,6 +852,19 @@ def _logp_from_states_fwd(graphdef, params, prompt, prompt_valid, completion, co
 
 def _logp_from_states_bwd(graphdef, residuals, g):
     params, prompt, prompt_valid, completion, completion_mask, states = residuals
+    d_params = _grads_from_states(graphdef, params, prompt, prompt_valid, completion, completion_mask, states, g)
+    return d_params, None, None, None, None, None, None
+
+
+_LAYER_NAMES = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")  # _stacked_layers
+
+
+def _grads_from_states(graphdef, params, prompt, prompt_valid, completion, completion_mask, states, g, into=None):
+    """Gradient of Σ g · token_logp [B, N] with respect to params, from the layers' inputs
+    `states` [B, L + 1, P + N − 1, D]: each layer's vjp at its input. With `into` (a
+    float32 tree like params), returns into + that gradient, each layer's gradient added
+    into its slice of the stacked sums as the layer scan goes: no second params-sized
+    buffer for the new gradient (gradient accumulation)."""
     model = nnx.merge(graphdef, params)
     c = model.config
     cdt = jnp.dtype(c.compute_dtype)
@@ -875,20 +888,38 @@ def _logp_from_states_bwd(graphdef, residuals, g):
     layer = functools.partial(_layer, c, cos=cos, sin=sin)
     attend = lambda q, k, v: (_attention(q, _heads_major(k), _heads_major(v), mask), None)
 
-    def back(d_x, xs):
-        params_l, i = xs
+    def layer_grads(d_x, params_l, i):
         x_l = jax.lax.dynamic_index_in_dim(states, i, axis=1, keepdims=False).astype(cdt)
         _, layer_vjp = jax.vjp(lambda p, x: layer(x, p, attend)[0], params_l, x_l)
         d_params_l, d_x = layer_vjp(d_x)
         return d_x, d_params_l
 
     unroll = c.num_layers if c.unroll_layers else 1
-    d_x, d_layers = jax.lax.scan(back, d_x, (model._stacked_layers(), jnp.arange(c.num_layers)), reverse=True,
-                                 unroll=unroll)
+    layer_index = jnp.arange(c.num_layers)
+    if into is None:
+        def back(d_x, xs):
+            return layer_grads(d_x, *xs)
+
+        d_x, d_layers = jax.lax.scan(back, d_x, (model._stacked_layers(), layer_index), reverse=True,
+                                     unroll=unroll)
+    else:
+        def back_into(carry, xs):
+            d_x, sums = carry
+            i = xs[1]
+            d_x, d_params_l = layer_grads(d_x, *xs)
+            sums = tuple(jax.lax.dynamic_update_index_in_dim(
+                total, jax.lax.dynamic_index_in_dim(total, i, keepdims=False) + d.astype(total.dtype), i, 0)
+                for total, d in zip(sums, d_params_l))
+            return (d_x, sums), None
+
+        sums = tuple(into[name][...].reshape(w.shape) for name, w in zip(_LAYER_NAMES, model._stacked_layers()))
+        (d_x, d_layers), _ = jax.lax.scan(back_into, (d_x, sums), (model._stacked_layers(), layer_index),
+                                          reverse=True, unroll=unroll)
 
     embed = model.embed[...]
-    d_embed = jnp.zeros(embed.shape, jnp.float32).at[tokens].add(d_x.astype(jnp.float32))
-    grads = dict(zip(("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down"), d_layers))
+    d_embed = (jnp.zeros(embed.shape, jnp.float32) if into is None else into["embed"][...].reshape(embed.shape))
+    d_embed = d_embed.at[tokens].add(d_x.astype(jnp.float32))
+    grads = dict(zip(_LAYER_NAMES, d_layers))
     grads["final_norm"] = d_final_norm
     if model.lm_head is None:
         d_embed = d_embed + d_out_w.T.astype(jnp.float32)
@@ -899,13 +930,54 @@ def _logp_from_states_bwd(graphdef, residuals, g):
     def grad_of(path, leaf):
         name = path[0].key if hasattr(path[0], "key") else str(path[0])
         if name in ("value_w", "value_b"):  # the log-probs do not depend on a value head
-            return jnp.zeros_like(leaf)
+            return jnp.zeros_like(leaf) if into is None else into[name][...]
         if name not in grads:
             raise ValueError(f"continuation_logp_from_states has no gradient for parameter {name!r}")
-        return grads[name].astype(leaf.dtype).reshape(leaf.shape)
+        if into is None:
+            return grads[name].astype(leaf.dtype).reshape(leaf.shape)
+        total = grads[name].reshape(leaf.shape)
+        return total if name in _LAYER_NAMES or name == "embed" else into[name][...] + total.astype(jnp.float32)
 
-    d_params = jax.tree_util.tree_map_with_path(grad_of, params)
-    return d_params, None, None, None, None, None, None
+    return jax.tree_util.tree_map_with_path(grad_of, params)
+
+
+def accumulate_continuation_grads(graphdef, params, prompt: Array, prompt_valid: Array, completion: Array,
+                                  completion_mask: Array, token_cotangent: Array, into):
+    """into + ∇_params Σ token_cotangent · continuation_logp(...)[0], for gradient accumulation.
+
+    A forward pass keeps each layer's input ([B, L + 1, P + N − 1, D], as the sampler's
+    `states`), then the backward pass recomputes one layer at a time from them (the memory
+    of remat="full") and adds each layer's gradient into its slice of `into` (a float32
+    tree like params: the running sum over microbatches). token_cotangent [B, N]: for the
+    gradient of Σ_i c_i · log π(x_i), c_i broadcast over x_i's tokens.
+    """
+    if token_cotangent.shape != completion.shape:
+        raise ValueError(f"token_cotangent {token_cotangent.shape} must be [B, N] like completion "
+                         f"{completion.shape}")
+    states = jax.lax.stop_gradient(_teacher_forced_states(graphdef, params, prompt, prompt_valid, completion,
+                                                          completion_mask))
+    return _grads_from_states(graphdef, params, prompt, prompt_valid, completion, completion_mask, states,
+                              token_cotangent.astype(jnp.float32), into=into)
+
+
+def _teacher_forced_states(graphdef, params, prompt, prompt_valid, completion, completion_mask) -> Array:
+    """Each layer's input at every slot teacher forcing reads, and the last layer's output:
+    [B, L + 1, P + N − 1, D] in the compute dtype (the sampler's `states` layout)."""
+    model = nnx.merge(graphdef, params)
+    c = model.config
+    tokens = jnp.concatenate([prompt, completion], axis=1)[:, :-1]
+    valid = jnp.concatenate([prompt_valid, completion_mask], axis=1)[:, :-1]
+    cos, sin, mask = _rotary_and_mask(c, valid, 0, tokens.shape[1])
+    layer = functools.partial(_layer, c, cos=cos, sin=sin)
+    attend = lambda q, k, v: (_attention(q, _heads_major(k), _heads_major(v), mask), None)
+
+    def body(x, params_l):
+        return layer(x, params_l, attend)[0], x
+
+    x = model.embed[...][tokens].astype(jnp.dtype(c.compute_dtype))
+    unroll = c.num_layers if c.unroll_layers else 1
+    x, inputs = jax.lax.scan(body, x, model._stacked_layers(), unroll=unroll)
+    return jnp.concatenate([inputs.swapaxes(0, 1), x[:, None]], axis=1)
 
 
 _logp_from_states.defvjp(_logp_from_states_fwd, _logp_from_states_bwd)
