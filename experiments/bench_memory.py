@@ -64,7 +64,7 @@ def main(argv):
     config = smollm2_sentiment.get_config()
     config.update(dict(model=_MODEL.value, batch_size=_BATCH.value, eval_batch_size=_EVAL_BATCH.value or _BATCH.value,
                        max_new_tokens=_NEW.value, f="js", progress_bar=False, microbatch_size=_MICRO.value))
-    sample_rows = _MICRO.value or config.batch_size  # what one of the step's sampling calls draws
+    sample_rows = config.batch_size // train.num_microbatches(config)  # what one of the step's sampling calls draws
     trainer = train.Trainer(config)
     phase("load (runtime, tokenizer, prompts, reference)")
     trainer.compile()

@@ -276,6 +276,11 @@ def reuses_sampler_states(config) -> bool:
             and config.proposal != "offpolicy" and _is_pure_sampling(config) and num_microbatches(config) == 1)
 
 
+def sequence_logp(graphdef, params, prompt, prompt_valid, completion, mask) -> Array:
+    """[B] teacher-forced log-probs of whole completions (llama.continuation_logp summed)."""
+    return jnp.sum(llama.continuation_logp(graphdef, params, prompt, prompt_valid, completion, mask)[0], axis=1)
+
+
 def num_microbatches(config) -> int:
     """How many microbatches of config.microbatch_size a step's batch is drawn and
     differentiated in (1: the whole batch at once)."""
@@ -374,15 +379,13 @@ def accumulated_update(config, graphdef, optimizer, ref_params, state: LMTrainSt
     micro, size = completion.shape[:2]
     batch = (prompt, prompt_valid, completion, mask)  # [M, b, ...]
 
-    def sequence_logp(params, microbatch):  # [b]
-        return jnp.sum(llama.continuation_logp(graphdef, params, *microbatch)[0], axis=1)
-
-    ref_logp = jax.lax.map(functools.partial(sequence_logp, ref_params), batch).reshape(-1)
+    ref_logp = jax.lax.map(lambda microbatch: sequence_logp(graphdef, ref_params, *microbatch), batch).reshape(-1)
     proposal_logp = jnp.sum(sampler_logp, axis=2).reshape(-1)
     if config.proposal != "offpolicy" and _is_pure_sampling(config):
         policy_logp = proposal_logp
     else:
-        policy_logp = jax.lax.map(functools.partial(sequence_logp, state.params), batch).reshape(-1)
+        policy_logp = jax.lax.map(lambda microbatch: sequence_logp(graphdef, state.params, *microbatch),
+                                  batch).reshape(-1)
     log_P, log_z, log_Z = _estimates(config, state, ref_logp, log_potential.reshape(-1), proposal_logp,
                                      context_ids.reshape(-1))
     (loss, diag), dloss_dlogp = jax.value_and_grad(
@@ -571,10 +574,7 @@ class Trainer:
         self.optimizer, self.param_shardings, self.state_shardings = (parts.optimizer, parts.param_shardings,
                                                                       parts.state_shardings)
         self.abstract_state, self._init, self._update = parts.abstract_state, parts.init, parts.update
-        def sequence_logp(params, *batch):  # [B]: log-probs of whole completions
-            return jnp.sum(llama.continuation_logp(self.task.graphdef, params, *batch)[0], axis=1)
-
-        self._ref_logp = jax.jit(sequence_logp)
+        self._ref_logp = jax.jit(functools.partial(sequence_logp, self.task.graphdef))
 
     def init_state(self) -> LMTrainState:
         return self._init(self.task.ref_params)

@@ -868,8 +868,7 @@ def _grads_from_states(graphdef, params, prompt, prompt_valid, completion, compl
     model = nnx.merge(graphdef, params)
     c = model.config
     cdt = jnp.dtype(c.compute_dtype)
-    tokens = jnp.concatenate([prompt, completion], axis=1)[:, :-1]
-    valid = jnp.concatenate([prompt_valid, completion_mask], axis=1)[:, :-1]
+    tokens, layer = _teacher_forcing_layer(c, prompt, prompt_valid, completion, completion_mask)
     start = prompt.shape[1] - 1  # slot whose logits predict the first completion token
     g = jnp.where(completion_mask, g, 0.0)
 
@@ -884,13 +883,9 @@ def _grads_from_states(graphdef, params, prompt, prompt_valid, completion, compl
     d_x = jnp.zeros(states.shape[:1] + states.shape[2:], cdt).at[:, start:].set(d_x_top)
 
     # The layers, last to first: each layer's vjp at its input as the sampler saw it.
-    cos, sin, mask = _rotary_and_mask(c, valid, 0, tokens.shape[1])
-    layer = functools.partial(_layer, c, cos=cos, sin=sin)
-    attend = lambda q, k, v: (_attention(q, _heads_major(k), _heads_major(v), mask), None)
-
     def layer_grads(d_x, params_l, i):
         x_l = jax.lax.dynamic_index_in_dim(states, i, axis=1, keepdims=False).astype(cdt)
-        _, layer_vjp = jax.vjp(lambda p, x: layer(x, p, attend)[0], params_l, x_l)
+        _, layer_vjp = jax.vjp(lambda p, x: layer(x, p), params_l, x_l)
         d_params_l, d_x = layer_vjp(d_x)
         return d_x, d_params_l
 
@@ -960,19 +955,25 @@ def accumulate_continuation_grads(graphdef, params, prompt: Array, prompt_valid:
                               token_cotangent.astype(jnp.float32), into=into)
 
 
+def _teacher_forcing_layer(c: LlamaConfig, prompt, prompt_valid, completion, completion_mask):
+    """The slots teacher forcing reads (tokens [B, P + N − 1]: the prompt, then every
+    completion token but the last) and one decoder layer over them, `layer(x, params_l)`."""
+    tokens = jnp.concatenate([prompt, completion], axis=1)[:, :-1]
+    valid = jnp.concatenate([prompt_valid, completion_mask], axis=1)[:, :-1]
+    cos, sin, mask = _rotary_and_mask(c, valid, 0, tokens.shape[1])
+    attend = lambda q, k, v: (_attention(q, _heads_major(k), _heads_major(v), mask), None)
+    return tokens, lambda x, params_l: _layer(c, x, params_l, attend, cos=cos, sin=sin)[0]
+
+
 def _teacher_forced_states(graphdef, params, prompt, prompt_valid, completion, completion_mask) -> Array:
     """Each layer's input at every slot teacher forcing reads, and the last layer's output:
     [B, L + 1, P + N − 1, D] in the compute dtype (the sampler's `states` layout)."""
     model = nnx.merge(graphdef, params)
     c = model.config
-    tokens = jnp.concatenate([prompt, completion], axis=1)[:, :-1]
-    valid = jnp.concatenate([prompt_valid, completion_mask], axis=1)[:, :-1]
-    cos, sin, mask = _rotary_and_mask(c, valid, 0, tokens.shape[1])
-    layer = functools.partial(_layer, c, cos=cos, sin=sin)
-    attend = lambda q, k, v: (_attention(q, _heads_major(k), _heads_major(v), mask), None)
+    tokens, layer = _teacher_forcing_layer(c, prompt, prompt_valid, completion, completion_mask)
 
     def body(x, params_l):
-        return layer(x, params_l, attend)[0], x
+        return layer(x, params_l), x
 
     x = model.embed[...][tokens].astype(jnp.dtype(c.compute_dtype))
     unroll = c.num_layers if c.unroll_layers else 1
