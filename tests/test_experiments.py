@@ -134,18 +134,27 @@ def _run_tiny_benchmark(script, out_dir, *flags):
     assert out.returncode == 0, out.stderr[-3000:]
 
 
-# Slow on a 2-core CPU (20–55 s); `make test-slow` runs it, keeping the default run under 15 minutes.
+# Slow on a 2-core CPU (20–55 s each); `make test-slow` runs it, keeping the default run under 15 minutes.
+# Whole batches of 8 with a second evaluation sampler; batches of 16 in microbatches of 8, evaluated in them.
 @pytest.mark.slow
-def test_memory_benchmark_reports_every_phase(tmp_path):
-    _run_tiny_benchmark("bench_memory.py", tmp_path, "--steps=1", "--eval_batch=16", "--batch=16", "--microbatch=8")
-    report = (tmp_path / "bench_memory_tiny_b16_micro8.md").read_text()
+@pytest.mark.parametrize("flags, report_name, expected", [
+    ((), "bench_memory_tiny_b8.md", ("--batch=8 --eval_batch=16`", "batch 8 × 4 new tokens, on-policy js",
+                                     "Evaluation batch 16 (its sampler")),
+    (("--batch=16", "--microbatch=8"), "bench_memory_tiny_b16_micro8.md",
+     ("--batch=16 --microbatch=8 --eval_batch=16`", "batch 16 × 4 new tokens in microbatches of 8",
+      "Evaluation batch 16 in chunks of 8 (= the training sampler's rows")),
+], ids=["whole", "microbatches"])
+def test_memory_benchmark_reports_every_phase(flags, report_name, expected, tmp_path):
+    _run_tiny_benchmark("bench_memory.py", tmp_path, "--steps=1", "--eval_batch=16", *flags)
+    report = (tmp_path / report_name).read_text()
     rows = [line.split(" | ") for line in report.splitlines() if line.startswith("| ") and "GB" not in line]
     assert [r[0].lstrip("| ") for r in rows][-2:] == ["trainer step (largest of 1)",
                                                       "sampling call of 8 (largest of 1)"]
     peaks = [float(r[1]) for r in rows]
     assert len(peaks) == 7 and all(0.1 < p < 24 for p in peaks)
-    assert "temporaries" in report and "--batch=16 --microbatch=8 --eval_batch=16`" in report
-    assert "batch 16 × 4 new tokens in microbatches of 8" in report and "Evaluation batch 16 (its sampler" in report
+    assert "temporaries" in report and " s each (median" in report
+    for text in expected:
+        assert text in report, text
 
 
 @pytest.mark.slow

@@ -423,3 +423,7 @@ def test_gradient_from_sampler_states_stays_finite_at_extreme_logits():
         graphdef, p, prompt, valid, out.tokens, out.mask, out.states, out.logp)))(params)
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
         assert bool(jnp.all(jnp.isfinite(g))), jax.tree_util.keystr(path)
+    accumulated = llama.accumulate_continuation_grads(graphdef, params, prompt, valid, out.tokens, out.mask,
+                                                      jnp.ones(out.mask.shape), grads)  # gradient accumulation
+    for path, g in jax.tree_util.tree_leaves_with_path(accumulated):
+        assert bool(jnp.all(jnp.isfinite(g))), jax.tree_util.keystr(path)

@@ -388,9 +388,10 @@ def test_microbatched_update_is_the_whole_batch_update(overrides, tmp_path):
     batch[5] = trainer.shard_batch(np.asarray([0.5, -1.0, 2.0, 0.0], np.float32))  # log-potentials
     halves = tuple((a[:2], a[2:]) for a in batch)
     results = []
+    jitted = {}
     for update, args in ((train.update, batch), (train.accumulated_update, halves)):
-        new, scalars = jax.jit(functools.partial(update, config, trainer.task.graphdef, keep_gradient))(
-            trainer.task.ref_params, state, *args)
+        jitted[update] = jax.jit(functools.partial(update, config, trainer.task.graphdef, keep_gradient))
+        new, scalars = jitted[update](trainer.task.ref_params, state, *args)
         grads = [np.asarray(g) for g in jax.tree.leaves(new.opt_state)]
         results.append((grads, {k: float(v) for k, v in scalars.items()}, new))
     (whole_grads, whole, whole_state), (micro_grads, micro, micro_state) = results
@@ -405,6 +406,12 @@ def test_microbatched_update_is_the_whole_batch_update(overrides, tmp_path):
     for a, b in zip(jax.tree.leaves((whole_state.log_z, whole_state.baseline, whole_state.key, whole_state.step)),
                     jax.tree.leaves((micro_state.log_z, micro_state.baseline, micro_state.key, micro_state.step))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    # Extremes: a violated hard constraint (log P = −inf) and log-potentials of ±1e4 keep the
+    # accumulated gradient and the step's scalars finite.
+    extreme = (halves[5][0].at[:].set(jnp.array([-jnp.inf, 1e4])), halves[5][1].at[:].set(jnp.array([-1e4, 0.0])))
+    new, scalars = jitted[train.accumulated_update](trainer.task.ref_params, state, *halves[:5], extreme, halves[6])
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(new.opt_state))
+    assert all(np.isfinite(float(v)) for k, v in scalars.items() if k != "log_Z"), scalars
 
 
 def test_evaluation_chunks_follow_the_microbatch():
