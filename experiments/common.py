@@ -43,6 +43,13 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def fixed(x: float, digits: int = 4) -> str:
+    """`x` to `digits` decimals, without the minus of a value that rounds to zero: a Monte
+    Carlo estimate such as KL(π‖a) at step 0 is -1e-7, not a negative divergence."""
+    text = f"{x:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
 def speedup_verdict(ratios: dict, target: float) -> str:
     """"met" or "not met" for `ratios` {label: unrounded ratio}, each shown to three decimals:
     a ratio of 1.4954 prints as 1.50× in a two-decimal table but misses a 1.5× target."""

@@ -62,7 +62,7 @@ def main(argv):
     print(f"{title}: {config.num_seeds} seeds, {config.steps} steps of batch {config.batch_size}; "
           f"exact log Z = {float(toy_train.make_task(config)[1].log_Z):.4f}")
     print(common.markdown_table(["metric", "start", "final (mean ± std)"],
-                                [[k, f"{float(history[k][:, 0].mean()):.4f}", toy_train.format_mean_std(*v)]
+                                [[k, common.fixed(float(history[k][:, 0].mean())), toy_train.format_mean_std(*v)]
                                  for k, v in summary.items()]))
     os.makedirs(config.workdir, exist_ok=True)
     name = f"train_{config.target}_{config.family}_{config.f}".replace("=", "")
@@ -91,7 +91,7 @@ def lm_main(config):
     print(f"\nf={config.f}, target={config.target.kind}, {int(out['state'].step)} steps × batch {config.batch_size} "
           f"in {out['seconds']:.0f}s; estimates from {config.eval_batch_size} fresh samples of π")
     table = common.markdown_table(["metric", f"step {first['step']}", f"step {last['step']}"],
-                                  [[k, f"{first[k]:.4f}", f"{last[k]:.4f}"] for k in LM_TABLE])
+                                  [[k, common.fixed(first[k]), common.fixed(last[k])] for k in LM_TABLE])
     print(table)
     with open(os.path.join(config.workdir, "summary.md"), "w") as f:
         f.write(f"f={config.f}, target={config.target.kind}, {int(out['state'].step)} steps × batch "

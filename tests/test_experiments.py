@@ -196,3 +196,15 @@ def test_heap_note_names_tunables_only_when_set():
     assert common.heap_note({}) == ""
     assert common.heap_note({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}) == \
         " C heap: GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (not a default)."
+
+
+def test_fixed_drops_the_minus_of_a_rounded_zero():
+    import common
+    # KL(π‖a) at step 0 is a Monte Carlo mean of exact zeros and rounding: -1e-7 prints 0.0000.
+    assert common.fixed(-1e-7) == "0.0000"
+    assert common.fixed(-0.0) == "0.0000"
+    assert common.fixed(-0.00005001) == "-0.0001"
+    assert common.fixed(1.23456) == "1.2346"
+    assert common.fixed(-2.5, 2) == "-2.50"
+    assert [common.fixed(x) for x in (float("inf"), float("-inf"))] == ["inf", "-inf"]
+    assert common.fixed(float("nan")) == "nan"
