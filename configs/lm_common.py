@@ -87,9 +87,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Estimator.
     c.batch_size = 16
     # Gradient accumulation: the step samples and differentiates its batch this many samples
-    # at a time (f-DPG only), so sampling and the update need a microbatch's memory while
-    # log Z, the baseline and the gradient are the whole batch's (fdrl.train.accumulated_update).
-    # 0 = the whole batch at once. Must divide batch_size.
+    # at a time, so sampling and the update need a microbatch's memory while log Z, the
+    # baseline and the gradient are the whole batch's (fdrl.train.accumulated_update). PPO
+    # scores its rollouts this many at a time and differentiates each ppo minibatch in chunks
+    # of this many (fdrl.train.ppo_update). 0 = the whole batch at once. Must divide
+    # batch_size, and for PPO a minibatch (batch_size / ppo.minibatches) where smaller.
     c.microbatch_size = 0
     c.proposal = "policy"  # "policy" or "offpolicy" (DPG's q ← π when π is closer to p)
     c.baseline = "batch"

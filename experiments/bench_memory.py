@@ -1,8 +1,9 @@
-r"""Peak resident memory of the f-DPG trainer, phase by phase (Linux).
+r"""Peak resident memory of the trainer (f-DPG, or PPO), phase by phase (Linux).
 
   python experiments/bench_memory.py                 # SmolLM2, batch 32 × 32 new tokens, on-policy js
   python experiments/bench_memory.py --model=tiny
   python experiments/bench_memory.py --batch=64 --microbatch=32   # gradient accumulation
+  python experiments/bench_memory.py --algo=ppo --microbatch=8    # PPO-RLHF, scored and differentiated 8 at a time
 
 The process's peak (VmHWM in /proc/self/status) is reset between phases by writing
 5 to /proc/self/clear_refs, so each row is the peak of that phase alone: loading,
@@ -11,7 +12,7 @@ the train state, the first sampling call, the first trainer step, then --steps s
 and --steps sampling calls after them (their largest peak). Freed heap is released between phases, as the training
 loop does. With --microbatch the step samples and differentiates its batch that many at a
 time (config.microbatch_size) and the sampling rows are a microbatch's. Writes
-experiments/results/bench_memory{,_tiny}{,_b<batch>}{,_micro<n>}.md.
+experiments/results/bench_memory{,_tiny}{,_ppo,_fppo}{,_b<batch>}{,_micro<n>}.md.
 """
 
 import os
@@ -33,6 +34,8 @@ _EVAL_BATCH = flags.DEFINE_integer("eval_batch", 0, "config.eval_batch_size (its
                                    "compiled ahead); 0 = --batch, sharing the training sampler's executable.")
 _MICRO = flags.DEFINE_integer("microbatch", 0, "config.microbatch_size: samples per sampling call and per "
                               "gradient pass of a step (gradient accumulation); 0 = the whole --batch.")
+_ALGO = flags.DEFINE_enum("algo", "fdpg", list(train.ALGOS), "config.algo: f-DPG (js), or PPO-RLHF / f-PPO with "
+                          "the config's ppo.epochs and ppo.minibatches.")
 _STEPS = flags.DEFINE_integer("steps", 2, "Steps (and sampling calls) after the first, for the steady peaks.")
 _OUT = flags.DEFINE_string("out", "experiments/results", "Output folder.")
 
@@ -63,7 +66,8 @@ def main(argv):
 
     config = smollm2_sentiment.get_config()
     config.update(dict(model=_MODEL.value, batch_size=_BATCH.value, eval_batch_size=_EVAL_BATCH.value or _BATCH.value,
-                       max_new_tokens=_NEW.value, f="js", progress_bar=False, microbatch_size=_MICRO.value))
+                       max_new_tokens=_NEW.value, f="js", progress_bar=False, microbatch_size=_MICRO.value,
+                       algo=_ALGO.value))
     sample_rows = config.batch_size // train.num_microbatches(config)  # what one of the step's sampling calls draws
     trainer = train.Trainer(config)
     phase("load (runtime, tokenizer, prompts, reference)")
@@ -100,11 +104,14 @@ def main(argv):
     # What XLA plans for the update: its arguments (reference + train state) and temporaries.
     batch = trainer.step_batch(state.params, jax.random.PRNGKey(0))
     eval_rows = train.eval_chunk_size(config)
+    algo_text = ("on-policy js" if config.algo == "fdpg" else
+                 f"{config.algo} ({config.ppo.epochs} epochs × {config.ppo.minibatches} minibatches)")
     plan = trainer._update.lower(trainer.task.ref_params, trainer.abstract_state, *batch).compile().memory_analysis()
     report = "\n".join([
         f"# Trainer memory by phase: {_MODEL.value}, batch {config.batch_size} × {config.max_new_tokens} new tokens"
-        f"{f' in microbatches of {_MICRO.value}' if _MICRO.value else ''}, on-policy js", "",
+        f"{f' in microbatches of {_MICRO.value}' if _MICRO.value else ''}, {algo_text}", "",
         f"Command: `python experiments/bench_memory.py --model={_MODEL.value}"
+        f"{f' --algo={_ALGO.value}' if _ALGO.value != 'fdpg' else ''}"
         f"{f' --batch={_BATCH.value}' if _BATCH.value != 32 else ''}"
         f"{f' --microbatch={_MICRO.value}' if _MICRO.value else ''}"
         f"{f' --eval_batch={_EVAL_BATCH.value}' if _EVAL_BATCH.value else ''}`", "",
@@ -125,6 +132,7 @@ def main(argv):
         "host scoring and the update, as the training loop runs them; compare times within one host's runs).",
     ])
     suffix = ("" if _MODEL.value == "smollm2" else f"_{_MODEL.value}") + (
+        f"_{_ALGO.value}" if _ALGO.value != "fdpg" else "") + (
         f"_b{_BATCH.value}" if _BATCH.value != 32 else "") + (f"_micro{_MICRO.value}" if _MICRO.value else "")
     common.write_results(_OUT.value, f"bench_memory{suffix}", report)
 

@@ -139,9 +139,6 @@ def validate(config) -> None:
     if micro and config.batch_size % micro:
         raise ValueError(f"microbatch_size={micro} must be 0 (the whole batch at once) or divide "
                          f"batch_size={config.batch_size}")
-    if micro and micro != config.batch_size and config.algo != "fdpg":
-        raise ValueError(f"microbatch_size={micro} is for algo='fdpg'; algo={config.algo!r} updates on "
-                         "ppo.minibatches of its batch instead")
     check_int(config, "max_new_tokens", low=1)
     check_number(config, "temperature", low=0)
     check_int(config, "top_k", low=0)
@@ -152,6 +149,10 @@ def validate(config) -> None:
         if config.batch_size % config.ppo.minibatches:
             raise ValueError(f"batch_size={config.batch_size} must be divisible by "
                              f"ppo.minibatches={config.ppo.minibatches}")
+        minibatch = config.batch_size // config.ppo.minibatches
+        if micro and minibatch > micro and minibatch % micro:
+            raise ValueError(f"microbatch_size={micro} must divide a PPO minibatch (or be at least one): "
+                             f"batch_size/ppo.minibatches = {config.batch_size}/{config.ppo.minibatches} = {minibatch}")
         check_number(config, "ppo.clip_eps", low=0, high=1, low_open=True, high_open=True)
         check_choice(config, "ppo.aggregation", ppo.AGGREGATIONS)
         check_number(config, "ppo.gamma", low=0, high=1)
@@ -409,13 +410,35 @@ def ppo_update(config, graphdef, optimizer, ref_params, state: LMTrainState, pro
 
     Rewards per token (fdrl.ppo), GAE with the value head, then `ppo.epochs` ×
     `ppo.minibatches` clipped updates of policy and value head as a lax.scan.
+
+    With microbatches (config.microbatch_size = b), each argument after the state is a
+    tuple of M arrays [b, ...], one per sampling call: the rollouts are scored b rows at a
+    time, and the gradient of a minibatch of more than b rows is accumulated over its rows b
+    at a time (`llama.accumulate_loss_grads`: each layer's gradient added into float32 sums).
+    A chunk's losses are weighted by its share of the minibatch (of its real tokens for
+    token means, of its rows for sequence means), so their sum is the minibatch's loss and
+    gradient.
     """
     state = _advance_key(state)
     pc = config.ppo
-    args = (prompt, prompt_valid, completion, mask)
-    ref_tok, _ = llama.continuation_logp(graphdef, ref_params, *args)
-    old_tok, old_values = llama.continuation_logp(graphdef, state.params, *args)
-    old_tok, old_values = jax.lax.stop_gradient(old_tok), jax.lax.stop_gradient(old_values)
+    micro = num_microbatches(config)
+    arrays = (prompt, prompt_valid, completion, mask, sampler_logp, log_potential, context_ids)
+    if micro > 1:
+        arrays = tuple(jnp.stack(x) for x in arrays)  # [M, b, ...]: each sampling call's rows
+    prompt, prompt_valid, completion, mask, sampler_logp, log_potential, context_ids = arrays
+
+    def score(params):  # per-token log-probs and values [B, T], a sampling call's rows at a time
+        if micro == 1:
+            return llama.continuation_logp(graphdef, params, prompt, prompt_valid, completion, mask)
+        out = jax.lax.map(lambda rows: llama.continuation_logp(graphdef, params, *rows),
+                          (prompt, prompt_valid, completion, mask))
+        return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), out)
+
+    ref_tok, _ = score(ref_params)
+    old_tok, old_values = jax.lax.stop_gradient(score(state.params))
+    if micro > 1:
+        prompt, prompt_valid, completion, mask, sampler_logp, log_potential, context_ids = (
+            x.reshape(-1, *x.shape[2:]) for x in arrays)
     log_P = jnp.sum(ref_tok, 1) + log_potential
     ctx = context_ids if config.conditional else None
     log_z = estimators.log_z_update(state.log_z, log_P, jnp.sum(sampler_logp, 1), ctx)
@@ -431,20 +454,42 @@ def ppo_update(config, graphdef, optimizer, ref_params, state: LMTrainState, pro
         advantages = ppo.whiten(advantages, mask)
     batch = (prompt, prompt_valid, completion, mask, old_tok, old_values, advantages, returns)
     size = config.batch_size // pc.minibatches
+    chunks = max(size * micro // config.batch_size, 1)  # a minibatch's chunks of at most b rows
+
+    def weighted_loss(tok, values, rows, minibatch_tokens):
+        """The minibatch's loss restricted to `rows` ([B, T] log-probs and values of those
+        rows), weighted by their share of it: (loss, (value loss, clip fraction))."""
+        _, _, _, m, old, old_v, adv, ret = (x[rows] for x in batch)
+        policy_loss, diag = ppo.ppo_policy_loss(tok, old, adv, m, pc.clip_eps, pc.aggregation)
+        v_loss = ppo.value_loss(values, old_v, ret, m, pc.value_clip)
+        token_share = jnp.sum(m) / jnp.maximum(minibatch_tokens, 1)  # masked means: 0 where no token
+        policy_share = token_share if pc.aggregation == "token_mean" else rows.shape[0] / size
+        loss = policy_share * policy_loss + pc.vf_coef * token_share * v_loss
+        return loss, (token_share * v_loss, token_share * diag["clip_fraction"])
 
     def minibatch(carry, idx):
         params, opt_state = carry
-        p, pv, c, m, old, old_v, adv, ret = (x[idx] for x in batch)
+        minibatch_tokens = jnp.sum(batch[3][idx])
+        if chunks == 1:
+            def loss_fn(params):
+                tok, values = llama.continuation_logp(graphdef, params, *(x[idx] for x in batch[:4]))
+                return weighted_loss(tok, values, idx, minibatch_tokens)
 
-        def loss_fn(params):
-            tok, values = llama.continuation_logp(graphdef, params, p, pv, c, m)
-            policy_loss, diag = ppo.ppo_policy_loss(tok, old, adv, m, pc.clip_eps, pc.aggregation)
-            v_loss = ppo.value_loss(values, old_v, ret, m, pc.value_clip)
-            return policy_loss + pc.vf_coef * v_loss, (diag, v_loss)
+            (loss, (v_loss, clip)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        else:  # each chunk's layer gradients added into float32 sums as they are made
+            def accumulate(carry, rows):
+                sums, totals = carry
+                sums, out = llama.accumulate_loss_grads(
+                    graphdef, params, *(x[rows] for x in batch[:4]),
+                    functools.partial(weighted_loss, rows=rows, minibatch_tokens=minibatch_tokens), sums)
+                return (sums, jax.tree.map(jnp.add, totals, out)), None
 
-        (loss, (diag, v_loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            zero = jnp.zeros((), jnp.float32)
+            init = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), (zero, (zero, zero)))
+            (sums, (loss, (v_loss, clip))), _ = jax.lax.scan(accumulate, init, idx.reshape(chunks, -1))
+            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), sums, params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), (loss, v_loss, diag["clip_fraction"])
+        return (optax.apply_updates(params, updates), opt_state), (loss, v_loss, clip)
 
     def epoch(carry, key):
         order = jax.random.permutation(key, config.batch_size).reshape(pc.minibatches, size)

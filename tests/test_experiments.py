@@ -135,7 +135,8 @@ def _run_tiny_benchmark(script, out_dir, *flags):
 
 
 # Slow on a 2-core CPU (20–55 s each); `make test-slow` runs it, keeping the default run under 15 minutes.
-# Whole batches of 8 with a second evaluation sampler; batches of 16 in microbatches of 8, evaluated in them.
+# Whole batches of 8 with a second evaluation sampler; batches of 16 in microbatches of 8, evaluated in them;
+# PPO on 32 in microbatches of 8 (its minibatches of 16 differentiated 8 at a time).
 @pytest.mark.slow
 @pytest.mark.parametrize("flags, report_name, expected", [
     ((), "bench_memory_tiny_b8.md", ("--batch=8 --eval_batch=16`", "batch 8 × 4 new tokens, on-policy js",
@@ -143,7 +144,11 @@ def _run_tiny_benchmark(script, out_dir, *flags):
     (("--batch=16", "--microbatch=8"), "bench_memory_tiny_b16_micro8.md",
      ("--batch=16 --microbatch=8 --eval_batch=16`", "batch 16 × 4 new tokens in microbatches of 8",
       "Evaluation batch 16 in chunks of 8 (= the training sampler's rows")),
-], ids=["whole", "microbatches"])
+    (("--algo=ppo", "--batch=32", "--microbatch=8"), "bench_memory_tiny_ppo_micro8.md",
+     ("--algo=ppo --microbatch=8 --eval_batch=16`",
+      "batch 32 × 4 new tokens in microbatches of 8, ppo (2 epochs × 2 minibatches)",
+      "Evaluation batch 16 in chunks of 8 (= the training sampler's rows")),
+], ids=["whole", "microbatches", "ppo-microbatches"])
 def test_memory_benchmark_reports_every_phase(flags, report_name, expected, tmp_path):
     _run_tiny_benchmark("bench_memory.py", tmp_path, "--steps=1", "--eval_batch=16", *flags)
     report = (tmp_path / report_name).read_text()

@@ -407,6 +407,47 @@ def test_accumulated_gradient_adds_teacher_forcings(tied):
         llama.accumulate_continuation_grads(graphdef, params, prompt, valid, completion, mask, cotangent[:, 1:], into)
 
 
+@pytest.mark.parametrize("tied, value_head", [(True, True), (False, True), (True, False)],
+                         ids=["tied-value-head", "lm_head-value-head", "no-value-head"])
+def test_accumulated_loss_gradient_adds_autodiffs(tied, value_head):
+    """accumulate_loss_grads: into + autodiff's gradient of a loss that is not linear in the
+    log-probs (a PPO-like clipped ratio, plus a squared value error where the model has a
+    value head), for each parameter, and the loss and aux of continuation_logp's values."""
+    config = llama.LlamaConfig.tiny(logits_chunk=4, tie_embeddings=tied, value_head=value_head)
+    graphdef, params = nnx.split(llama.Llama(config, rngs=nnx.Rngs(0)))
+    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(4), x.shape), params)
+    prompt = jnp.array([[0, 5, 6, 7], [8, 9, 10, 11], [0, 0, 0, 4]])
+    valid = prompt != 0
+    completion = jax.random.randint(jax.random.PRNGKey(1), (3, 5), 1, config.vocab_size)
+    mask = jnp.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]], bool)
+    old = jax.random.normal(jax.random.PRNGKey(2), mask.shape) - 4.0
+    target = jax.random.normal(jax.random.PRNGKey(5), mask.shape)
+
+    def loss_fn(tok, values):
+        ratio = jnp.exp(jnp.where(mask, tok - old, 0.0))
+        loss = -jnp.sum(jnp.minimum(ratio * target, jnp.clip(ratio, 0.8, 1.2) * target) * mask)
+        if values is not None:
+            loss = loss + jnp.sum(jnp.where(mask, (values - target) ** 2, 0.0))
+        return loss, jnp.max(ratio)
+
+    (loss, aux), grads = jax.value_and_grad(
+        lambda p: loss_fn(*llama.continuation_logp(graphdef, p, prompt, valid, completion, mask)), has_aux=True)(params)
+    into = jax.tree.map(lambda g: jax.random.normal(jax.random.PRNGKey(3), g.shape), grads)
+    total, (acc_loss, acc_aux) = jax.jit(lambda p, i: llama.accumulate_loss_grads(
+        graphdef, p, prompt, valid, completion, mask, loss_fn, i))(params, into)
+    assert float(acc_loss) == pytest.approx(float(loss), rel=1e-5)
+    assert float(acc_aux) == pytest.approx(float(aux), rel=1e-5) and float(aux) > 1.2  # some ratios are clipped
+    for (path, g), start, t in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(into),
+                                   jax.tree.leaves(total)):
+        assert float(jnp.abs(g).max()) > 0, path
+        np.testing.assert_allclose(t - start, g, atol=2e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+    if not value_head:
+        with pytest.raises(ValueError, match="value_cotangent given, but the model has no value head"):
+            llama._grads_from_states(graphdef, params, prompt, valid, completion, mask,
+                                     llama._teacher_forced_states(graphdef, params, prompt, valid, completion, mask),
+                                     jnp.ones(mask.shape), value_cotangent=jnp.ones(mask.shape))
+
+
 def test_gradient_from_sampler_states_stays_finite_at_extreme_logits():
     """Logits up to ~700 in size (embedding × 1e3, tied head): the sampler, its log-probs and the
     gradient from its states stay finite."""

@@ -193,11 +193,17 @@ def test_ahead_of_time_compile_of_a_1b_model_from_abstract_shapes(capsys):
 
 # Slow on a 2-core CPU (20–55 s); `make test-slow` runs it, keeping the default run under 15 minutes.
 @pytest.mark.slow
-def test_ppo_step_on_a_mesh_equals_one_device(tmp_path):
-    """PPO's update (value head, GAE, a scan over shuffled minibatches) shards the same way."""
+@pytest.mark.parametrize("microbatch", [0, 4], ids=["whole", "microbatches"])
+def test_ppo_step_on_a_mesh_equals_one_device(microbatch, tmp_path):
+    """PPO's update (value head, GAE, a scan over shuffled minibatches) shards the same way;
+    with microbatches, rollouts drawn and scored 4 at a time and one minibatch of the 8
+    differentiated in chunks of 4 (decode layers untransposed: see the test below)."""
     results = []
     for shape in [(1, 1, 1), (2, 2, 2)]:
         config = config_on(shape, tmp_path / "x".join(map(str, shape)), algo="ppo")
+        if microbatch:
+            config.update(dict(microbatch_size=microbatch, decode_transposed_layers="off"))
+            config.ppo.minibatches = 1
         config.adam.eps = EPS
         trainer = train.Trainer(config)
         state, losses = run_steps(trainer, trainer.init_state(), 1)

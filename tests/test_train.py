@@ -178,7 +178,6 @@ BAD_FIELDS = [
     ("eval_chunk", -4, "fdpg", "eval_chunk=-4 must be an integer >= 0"),
     ("microbatch_size", -2, "fdpg", "microbatch_size=-2 must be an integer >= 0"),
     ("microbatch_size", 3, "fdpg", r"microbatch_size=3 must be 0 \(the whole batch at once\) or divide batch_size=16"),
-    ("microbatch_size", 8, "ppo", "microbatch_size=8 is for algo='fdpg'; algo='ppo' updates on ppo.minibatches"),
 ]
 
 
@@ -192,6 +191,17 @@ def test_bad_fields_are_named_before_loading(field, value, algo, match):
         node = node[p]
     node[leaf] = value
     with pytest.raises(ValueError, match=match):
+        train.validate(config)
+
+
+def test_ppo_microbatches_must_divide_a_minibatch():
+    config = smollm2_word.get_config()
+    config.algo, config.batch_size, config.microbatch_size = "ppo", 24, 8
+    with pytest.raises(ValueError, match=r"microbatch_size=8 must divide a PPO minibatch \(or be at least one\): "
+                                         r"batch_size/ppo.minibatches = 24/2 = 12"):
+        train.validate(config)
+    for minibatches in (3, 4, 1):  # minibatches of 8 and 6 rows, each differentiated at once; 24 rows, in 3
+        config.ppo.minibatches = minibatches
         train.validate(config)
 
 
@@ -294,9 +304,13 @@ def test_evaluation_in_chunks(tmp_path):
     assert trainer.evaluate(state, jax.random.fold_in(key, 0))[2] == first_texts
 
 
-@pytest.mark.parametrize("algo", ["ppo", pytest.param("fppo", marks=pytest.mark.slow)])
-def test_two_ppo_steps_on_the_tiny_model(algo, tmp_path):
-    config = smoke(smollm2_sentiment, tmp_path, algo=algo, steps=2, eval_every=2, checkpoint_every=0)
+@pytest.mark.parametrize("algo, microbatch", [("ppo", 0), pytest.param("fppo", 0, marks=pytest.mark.slow),
+                                              ("ppo", 2)], ids=["ppo", "fppo", "ppo-microbatches"])
+def test_two_ppo_steps_on_the_tiny_model(algo, microbatch, tmp_path):
+    config = smoke(smollm2_sentiment, tmp_path, algo=algo, steps=2, eval_every=2, checkpoint_every=0,
+                   microbatch_size=microbatch)
+    if microbatch:  # one minibatch of the 4 rows, differentiated 2 at a time
+        config.ppo.minibatches = 1
     trainer = train.Trainer(config)
     state = trainer.init_state()
     before = jax.tree.leaves(state.params)
@@ -412,6 +426,62 @@ def test_microbatched_update_is_the_whole_batch_update(overrides, tmp_path):
     new, scalars = jitted[train.accumulated_update](trainer.task.ref_params, state, *halves[:5], extreme, halves[6])
     assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(new.opt_state))
     assert all(np.isfinite(float(v)) for k, v in scalars.items() if k != "log_Z"), scalars
+
+
+@pytest.mark.parametrize("algo,aggregation", [("ppo", "token_mean"), ("fppo", "sequence_mean"),
+                                               pytest.param("ppo", "sequence_sum", marks=pytest.mark.slow)])
+def test_microbatched_ppo_update_is_the_whole_batch_update(algo, aggregation, tmp_path):
+    """PPO with microbatch_size: the rollouts scored 2 rows at a time, and each minibatch of 4
+    rows differentiated 2 at a time, give the whole batch's minibatch gradients and scalars.
+    Rows end at different lengths (one has no token), so a chunk's share of a token mean
+    differs from its share of rows. The optimiser keeps the gradient as its state, so every
+    minibatch is differentiated at the same parameters and the last one's gradient is kept."""
+    import functools
+
+    import jax.numpy as jnp
+    import optax
+
+    config = smoke(smollm2_sentiment, tmp_path, algo=algo, batch_size=8, microbatch_size=2)
+    config.ppo.update(epochs=1, minibatches=2, aggregation=aggregation)
+    trainer = train.Trainer(config)
+    zeros = functools.partial(jax.tree.map, jnp.zeros_like)
+    keep_gradient = optax.GradientTransformation(zeros, lambda grads, _, params=None: (zeros(grads), grads))
+    state = trainer.init_state()
+    state = state._replace(opt_state=keep_gradient.init(state.params))
+    parts = []
+    for i in range(4):  # four sampling calls of 2 rows; the log-potentials and contexts are set below
+        prompt, valid, out, ctx = trainer.sample(state.params, jax.random.PRNGKey(i), 2)
+        parts.append(list(trainer.update_batch(prompt, valid, out, None, ctx)))
+    lengths = np.array([8, 1, 5, 0, 3, 8, 2, 6])
+    mask = np.arange(config.max_new_tokens)[None] < lengths[:, None]
+    rng = np.random.default_rng(0)
+    for i, part in enumerate(parts):
+        part[3] = trainer.shard_batch(mask[2 * i:2 * i + 2])
+        part[4] = trainer.shard_batch(np.where(mask[2 * i:2 * i + 2], np.asarray(part[4]), 0.0).astype(np.float32))
+        part[5] = trainer.shard_batch(rng.normal(size=2).astype(np.float32))  # log-potentials
+        part[6] = trainer.shard_batch(np.asarray([2 * i, 2 * i + 1], np.int32))  # context ids
+    micro_args = tuple(zip(*parts))
+    whole_args = [trainer.shard_batch(np.concatenate([np.asarray(a) for a in arrays])) for arrays in micro_args]
+    results = []
+    for micro, args in ((1, whole_args), (4, micro_args)):
+        run_config = config.copy_and_resolve_references()
+        run_config.microbatch_size = config.batch_size // micro
+        assert train.num_microbatches(run_config) == micro
+        update = jax.jit(functools.partial(train.ppo_update, run_config, trainer.task.graphdef, keep_gradient))
+        new, scalars = update(trainer.task.ref_params, state, *args)
+        results.append(([np.asarray(g) for g in jax.tree.leaves(new.opt_state)],
+                        {k: float(v) for k, v in scalars.items()}, new))
+    (whole_grads, whole, whole_state), (micro_grads, micro, micro_state) = results
+    norm = np.sqrt(sum(float(np.sum(g ** 2)) for g in whole_grads))
+    assert norm > 0 and whole["value_loss"] > 0
+    for a, b in zip(whole_grads, micro_grads):
+        assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(a) + 1e-7 * norm
+    assert whole.keys() == micro.keys()
+    for k, v in whole.items():
+        assert micro[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+    for a, b in zip(jax.tree.leaves((whole_state.log_z, whole_state.kl, whole_state.key)),
+                    jax.tree.leaves((micro_state.log_z, micro_state.kl, micro_state.key))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 def test_evaluation_chunks_follow_the_microbatch():

@@ -401,7 +401,7 @@ class Llama(nnx.Module):
                 logits = _logits(hidden, self.output_weights())
         values = None
         if self.value_w is not None:
-            values = (hidden.astype(jnp.float32) @ self.value_w[...].astype(jnp.float32))[..., 0] + self.value_b[...][0]
+            values = _value_estimates(hidden, self.value_w[...], self.value_b[...])
         return ModelOutput(logits=logits, values=values, cache=new_cache, hidden=hidden, states=states)
 
     def _stacked_layers(self) -> tuple:
@@ -592,6 +592,11 @@ def _swiglu_bwd(residuals, g):
 
 
 _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+def _value_estimates(hidden: Array, value_w: Array, value_b: Array) -> Array:
+    """The value head: [B, T, D] final hidden states → [B, T] float32 values."""
+    return (hidden.astype(jnp.float32) @ value_w.astype(jnp.float32))[..., 0] + value_b[0]
 
 
 def _rms_norm(x: Array, scale: Array, eps: float, axis: int = -1) -> Array:
@@ -859,12 +864,13 @@ def _logp_from_states_bwd(graphdef, residuals, g):
 _LAYER_NAMES = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")  # _stacked_layers
 
 
-def _grads_from_states(graphdef, params, prompt, prompt_valid, completion, completion_mask, states, g, into=None):
-    """Gradient of Σ g · token_logp [B, N] with respect to params, from the layers' inputs
-    `states` [B, L + 1, P + N − 1, D]: each layer's vjp at its input. With `into` (a
-    float32 tree like params), returns into + that gradient, each layer's gradient added
-    into its slice of the stacked sums as the layer scan goes: no second params-sized
-    buffer for the new gradient (gradient accumulation)."""
+def _grads_from_states(graphdef, params, prompt, prompt_valid, completion, completion_mask, states, g, into=None,
+                       value_cotangent=None):
+    """Gradient of Σ g · token_logp [B, N] (+ Σ value_cotangent · values [B, N], where given)
+    with respect to params, from the layers' inputs `states` [B, L + 1, P + N − 1, D]: each
+    layer's vjp at its input. With `into` (a float32 tree like params), returns into + that
+    gradient, each layer's gradient added into its slice of the stacked sums as the layer
+    scan goes: no second params-sized buffer for the new gradient (gradient accumulation)."""
     model = nnx.merge(graphdef, params)
     c = model.config
     cdt = jnp.dtype(c.compute_dtype)
@@ -879,6 +885,14 @@ def _grads_from_states(graphdef, params, prompt, prompt_valid, completion, compl
     hidden, norm_vjp = jax.vjp(lambda x, s: _rms_norm(x, s.astype(cdt), c.norm_eps), x_top, final_norm)
     out_w = model.output_weights()
     d_hidden, d_out_w = _token_logp_grads(hidden, out_w, completion, g, c.logits_chunk)
+    grads = {}
+    if value_cotangent is not None:
+        if model.value_w is None:
+            raise ValueError("value_cotangent given, but the model has no value head (LlamaConfig.value_head)")
+        _, values_vjp = jax.vjp(_value_estimates, hidden, model.value_w[...], model.value_b[...])
+        d_hidden_values, grads["value_w"], grads["value_b"] = values_vjp(
+            jnp.where(completion_mask, value_cotangent, 0.0).astype(jnp.float32))
+        d_hidden = d_hidden + d_hidden_values.astype(d_hidden.dtype)
     d_x_top, d_final_norm = norm_vjp(d_hidden.astype(hidden.dtype))
     d_x = jnp.zeros(states.shape[:1] + states.shape[2:], cdt).at[:, start:].set(d_x_top)
 
@@ -914,7 +928,7 @@ def _grads_from_states(graphdef, params, prompt, prompt_valid, completion, compl
     embed = model.embed[...]
     d_embed = (jnp.zeros(embed.shape, jnp.float32) if into is None else into["embed"][...].reshape(embed.shape))
     d_embed = d_embed.at[tokens].add(d_x.astype(jnp.float32))
-    grads = dict(zip(_LAYER_NAMES, d_layers))
+    grads.update(zip(_LAYER_NAMES, d_layers))
     grads["final_norm"] = d_final_norm
     if model.lm_head is None:
         d_embed = d_embed + d_out_w.T.astype(jnp.float32)
@@ -924,7 +938,7 @@ def _grads_from_states(graphdef, params, prompt, prompt_valid, completion, compl
 
     def grad_of(path, leaf):
         name = path[0].key if hasattr(path[0], "key") else str(path[0])
-        if name in ("value_w", "value_b"):  # the log-probs do not depend on a value head
+        if name in ("value_w", "value_b") and name not in grads:  # no value cotangent: the log-probs' gradient
             return jnp.zeros_like(leaf) if into is None else into[name][...]
         if name not in grads:
             raise ValueError(f"continuation_logp_from_states has no gradient for parameter {name!r}")
@@ -953,6 +967,35 @@ def accumulate_continuation_grads(graphdef, params, prompt: Array, prompt_valid:
                                                           completion_mask))
     return _grads_from_states(graphdef, params, prompt, prompt_valid, completion, completion_mask, states,
                               token_cotangent.astype(jnp.float32), into=into)
+
+
+def accumulate_loss_grads(graphdef, params, prompt: Array, prompt_valid: Array, completion: Array,
+                          completion_mask: Array, loss_fn, into):
+    """into + ∇_params loss_fn(token_logp, values)[0], where (token_logp, values) =
+    continuation_logp(...): gradient accumulation for a loss that is not linear in the
+    log-probs (PPO's clipped ratio, the value loss). loss_fn maps [B, N] log-probs (0 where
+    masked) and [B, N] values (None without a value head) to (loss, aux).
+
+    As in accumulate_continuation_grads, a forward pass keeps each layer's input; the head
+    then makes the log-probs and values from the last layer's output (one more pass of the
+    output projection), loss_fn's gradient with respect to them is the backward pass's
+    cotangent, and each layer's gradient is added into `into` as it is made: no second
+    params-sized buffer. Returns (into + gradient, (loss, aux)).
+    """
+    states = jax.lax.stop_gradient(_teacher_forced_states(graphdef, params, prompt, prompt_valid, completion,
+                                                          completion_mask))
+    model = nnx.merge(graphdef, params)
+    c = model.config
+    cdt = jnp.dtype(c.compute_dtype)
+    hidden = _rms_norm(states[:, -1, prompt.shape[1] - 1:].astype(cdt), model.final_norm[...].astype(cdt), c.norm_eps)
+    token_logp = chunked_token_logp(hidden, model.output_weights(), completion, c.logits_chunk)
+    token_logp = jax.lax.stop_gradient(jnp.where(completion_mask, token_logp, 0.0))
+    values = (None if model.value_w is None else
+              jax.lax.stop_gradient(_value_estimates(hidden, model.value_w[...], model.value_b[...])))
+    (loss, aux), (g, value_cotangent) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(token_logp, values)
+    grads = _grads_from_states(graphdef, params, prompt, prompt_valid, completion, completion_mask, states, g,
+                               into=into, value_cotangent=value_cotangent)
+    return grads, (loss, aux)
 
 
 def _teacher_forcing_layer(c: LlamaConfig, prompt, prompt_valid, completion, completion_mask):
