@@ -64,6 +64,16 @@ def kl_per_token(policy_logp: Array, ref_logp: Array) -> dict:
     return dict(k1=log_ratio, k2=0.5 * log_ratio**2, k3=jnp.expm1(-log_ratio) + log_ratio)
 
 
+def rlhf_score(log_potential: Array, beta, max_abs_u: float = DEFAULT_MAX_ABS_U) -> Array:
+    """PPO-RLHF's sequence score r(x) = β·log φ(x) [B] from the target's log-potentials [B],
+    with log φ clipped to ±max_abs_u (f-DPG's clip of log π − log p): a violated hard
+    constraint (log φ = −inf) becomes a finite penalty of −β·max_abs_u, which GAE and
+    advantage whitening would otherwise turn into NaN parameters."""
+    if not max_abs_u > 0:
+        raise ValueError(f"max_abs_u must be > 0, got {max_abs_u}")
+    return beta * jnp.clip(jnp.asarray(log_potential, jnp.float32), -max_abs_u, max_abs_u)
+
+
 def rlhf_token_rewards(policy_logp: Array, ref_logp: Array, score: Array, mask: Array, beta: float) -> Array:
     """r_t = −β(log π_t − log a_t), plus the sequence score at the last real token. [B, T]."""
     mask = _check("mask", mask)

@@ -71,7 +71,8 @@ def train_step(config, problem: toy.ToyProblem, target: toy.ToyTarget, optimizer
 
     if config.algo == "ppo":
         beta = extras.kl.beta
-        rewards = ppo.rlhf_token_rewards(old_logp, ref_logp, beta * target.log_potential[ids], mask, beta)
+        score = ppo.rlhf_score(target.log_potential[ids], beta, config.max_abs_u)
+        rewards = ppo.rlhf_token_rewards(old_logp, ref_logp, score, mask, beta)
     else:
         rewards = ppo.fppo_token_rewards(config.f, jnp.sum(old_logp, 1), log_P, log_Z, mask,
                                          alpha=config.get("alpha"), max_abs_u=config.max_abs_u)

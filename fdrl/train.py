@@ -445,7 +445,8 @@ def ppo_update(config, graphdef, optimizer, ref_params, state: LMTrainState, pro
     log_Z = estimators.log_z_value(log_z, ctx)
     kl_state = state.kl
     if config.algo == "ppo":  # score = β·log-potential: r(x) for an RLHF target
-        rewards = ppo.rlhf_token_rewards(old_tok, ref_tok, kl_state.beta * log_potential, mask, kl_state.beta)
+        score = ppo.rlhf_score(log_potential, kl_state.beta, config.max_abs_u)
+        rewards = ppo.rlhf_token_rewards(old_tok, ref_tok, score, mask, kl_state.beta)
     else:
         rewards = ppo.fppo_token_rewards(config.f, jnp.sum(old_tok, 1), log_P, log_Z, mask,
                                          alpha=config.get("alpha"), max_abs_u=config.max_abs_u)

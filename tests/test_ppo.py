@@ -151,3 +151,19 @@ def test_shapes_that_would_broadcast_are_named():
     for call, match in cases:
         with pytest.raises(ValueError, match=match):
             call()
+
+
+def test_rlhf_score_is_finite_at_a_violated_constraint():
+    """r = β·log φ with log φ clipped to ±max_abs_u: −inf (a hard constraint) and ±1e4 give
+    finite scores, and GAE then whitening of their rewards stay finite (unclipped: NaN)."""
+    log_potential = jnp.array([-jnp.inf, 1e4, -1e4, 2.5])
+    score = ppo.rlhf_score(log_potential, 0.1, max_abs_u=30.0)
+    np.testing.assert_allclose(score, [-3.0, 3.0, -3.0, 0.25], rtol=1e-6)
+    mask = jnp.ones((4, 3), bool)
+    logp = jnp.full((4, 3), -1.0)
+    for s, finite in ((score, True), (0.1 * log_potential, False)):
+        rewards = ppo.rlhf_token_rewards(logp, logp - 0.5, s, mask, 0.1)
+        adv, _ = ppo.gae(rewards, jnp.zeros((4, 3)), mask, 1.0, 0.95)
+        assert bool(jnp.all(jnp.isfinite(ppo.whiten(adv, mask)))) == finite
+    with pytest.raises(ValueError, match="max_abs_u must be > 0, got 0"):
+        ppo.rlhf_score(log_potential, 0.1, max_abs_u=0)

@@ -462,12 +462,13 @@ def test_microbatched_ppo_update_is_the_whole_batch_update(algo, aggregation, tm
         part[6] = trainer.shard_batch(np.asarray([2 * i, 2 * i + 1], np.int32))  # context ids
     micro_args = tuple(zip(*parts))
     whole_args = [trainer.shard_batch(np.concatenate([np.asarray(a) for a in arrays])) for arrays in micro_args]
-    results = []
+    results, updates = [], []
     for micro, args in ((1, whole_args), (4, micro_args)):
         run_config = config.copy_and_resolve_references()
         run_config.microbatch_size = config.batch_size // micro
         assert train.num_microbatches(run_config) == micro
         update = jax.jit(functools.partial(train.ppo_update, run_config, trainer.task.graphdef, keep_gradient))
+        updates.append(update)
         new, scalars = update(trainer.task.ref_params, state, *args)
         results.append(([np.asarray(g) for g in jax.tree.leaves(new.opt_state)],
                         {k: float(v) for k, v in scalars.items()}, new))
@@ -482,6 +483,16 @@ def test_microbatched_ppo_update_is_the_whole_batch_update(algo, aggregation, tm
     for a, b in zip(jax.tree.leaves((whole_state.log_z, whole_state.kl, whole_state.key)),
                     jax.tree.leaves((micro_state.log_z, micro_state.kl, micro_state.key))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    # Extremes: a violated hard constraint (log-potential −inf) and ±1e4 keep the gradient and
+    # the scalars finite, whole and in microbatches (PPO-RLHF's reward was −inf, its step NaN).
+    extreme = np.array([-np.inf, 1e4, -1e4, 0.0, -np.inf, 3.0, 1e4, -1e4], np.float32)
+    whole_args[5] = trainer.shard_batch(extreme)
+    micro_args = micro_args[:5] + (tuple(trainer.shard_batch(extreme[i:i + 2]) for i in range(0, 8, 2)),) + \
+        micro_args[6:]
+    for update, args in zip(updates, (whole_args, micro_args)):
+        new, scalars = update(trainer.task.ref_params, state, *args)
+        assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(new.opt_state))
+        assert all(np.isfinite(float(v)) for k, v in scalars.items() if k != "log_Z"), scalars
 
 
 def test_evaluation_chunks_follow_the_microbatch():
