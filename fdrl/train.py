@@ -289,6 +289,23 @@ def num_microbatches(config) -> int:
     return config.batch_size // size if size else 1
 
 
+def _map_microbatches(fn, stacked: tuple):
+    """fn(*arrays) over arrays stacked [M, b, ...], a microbatch at a time (lax.map: one
+    microbatch's activations live at once); its outputs with those axes merged, [M·b, ...]."""
+    out = jax.lax.map(lambda rows: fn(*rows), stacked)
+    return jax.tree.map(lambda y: y.reshape(-1, *y.shape[2:]), out)
+
+
+def _zero_sums(params):
+    """float32 zeros like params: gradient sums over microbatches or chunks."""
+    return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+
+
+def _as_param_dtypes(sums, params):
+    """The sums cast back to the parameters' dtypes: the gradient the optimiser takes."""
+    return jax.tree.map(lambda g, p: g.astype(p.dtype), sums, params)
+
+
 def _estimates(config, state: LMTrainState, ref_logp, log_potential, proposal_logp, context_ids):
     """log P [B], and log Z's running state and value with this batch in it."""
     log_P = ref_logp + log_potential
@@ -380,13 +397,12 @@ def accumulated_update(config, graphdef, optimizer, ref_params, state: LMTrainSt
     micro, size = completion.shape[:2]
     batch = (prompt, prompt_valid, completion, mask)  # [M, b, ...]
 
-    ref_logp = jax.lax.map(lambda microbatch: sequence_logp(graphdef, ref_params, *microbatch), batch).reshape(-1)
+    ref_logp = _map_microbatches(functools.partial(sequence_logp, graphdef, ref_params), batch)
     proposal_logp = jnp.sum(sampler_logp, axis=2).reshape(-1)
     if config.proposal != "offpolicy" and _is_pure_sampling(config):
         policy_logp = proposal_logp
     else:
-        policy_logp = jax.lax.map(lambda microbatch: sequence_logp(graphdef, state.params, *microbatch),
-                                  batch).reshape(-1)
+        policy_logp = _map_microbatches(functools.partial(sequence_logp, graphdef, state.params), batch)
     log_P, log_z, log_Z = _estimates(config, state, ref_logp, log_potential.reshape(-1), proposal_logp,
                                      context_ids.reshape(-1))
     (loss, diag), dloss_dlogp = jax.value_and_grad(
@@ -397,9 +413,8 @@ def accumulated_update(config, graphdef, optimizer, ref_params, state: LMTrainSt
         token_cotangent = jnp.broadcast_to(coeff[:, None], microbatch[2].shape)
         return llama.accumulate_continuation_grads(graphdef, state.params, *microbatch, token_cotangent, grads), None
 
-    sums = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-    sums, _ = jax.lax.scan(accumulate, sums, (batch, dloss_dlogp.reshape(micro, size)))
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), sums, state.params)
+    sums, _ = jax.lax.scan(accumulate, _zero_sums(state.params), (batch, dloss_dlogp.reshape(micro, size)))
+    grads = _as_param_dtypes(sums, state.params)
     return _apply_gradients(config, optimizer, state, grads, loss, diag, policy_logp, ref_logp, log_P, proposal_logp,
                             log_z, log_Z, mask)
 
@@ -428,11 +443,9 @@ def ppo_update(config, graphdef, optimizer, ref_params, state: LMTrainState, pro
     prompt, prompt_valid, completion, mask, sampler_logp, log_potential, context_ids = arrays
 
     def score(params):  # per-token log-probs and values [B, T], a sampling call's rows at a time
-        if micro == 1:
-            return llama.continuation_logp(graphdef, params, prompt, prompt_valid, completion, mask)
-        out = jax.lax.map(lambda rows: llama.continuation_logp(graphdef, params, *rows),
-                          (prompt, prompt_valid, completion, mask))
-        return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), out)
+        scored = functools.partial(llama.continuation_logp, graphdef, params)
+        args = (prompt, prompt_valid, completion, mask)
+        return scored(*args) if micro == 1 else _map_microbatches(scored, args)
 
     ref_tok, _ = score(ref_params)
     old_tok, old_values = jax.lax.stop_gradient(score(state.params))
@@ -486,9 +499,9 @@ def ppo_update(config, graphdef, optimizer, ref_params, state: LMTrainState, pro
                 return (sums, jax.tree.map(jnp.add, totals, out)), None
 
             zero = jnp.zeros((), jnp.float32)
-            init = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), (zero, (zero, zero)))
+            init = (_zero_sums(params), (zero, (zero, zero)))
             (sums, (loss, (v_loss, clip))), _ = jax.lax.scan(accumulate, init, idx.reshape(chunks, -1))
-            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), sums, params)
+            grads = _as_param_dtypes(sums, params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), (loss, v_loss, clip)
 
