@@ -468,3 +468,13 @@ def test_gradient_from_sampler_states_stays_finite_at_extreme_logits():
                                                       jnp.ones(out.mask.shape), grads)  # gradient accumulation
     for path, g in jax.tree_util.tree_leaves_with_path(accumulated):
         assert bool(jnp.all(jnp.isfinite(g))), jax.tree_util.keystr(path)
+
+    def clipped_ratio_loss(tok, values):  # PPO's surrogate, advantage −1, old log-probs 1 nat lower
+        ratio = jnp.exp(jnp.where(out.mask, tok - (out.logp - 1.0), 0.0))  # e: unclipped where A < 0
+        return -jnp.sum(jnp.minimum(-ratio, -jnp.clip(ratio, 0.8, 1.2)) * out.mask), values
+
+    accumulated, (loss, _) = llama.accumulate_loss_grads(graphdef, params, prompt, valid, out.tokens, out.mask,
+                                                         clipped_ratio_loss, grads)
+    assert bool(jnp.isfinite(loss))
+    for path, g in jax.tree_util.tree_leaves_with_path(accumulated):
+        assert bool(jnp.all(jnp.isfinite(g))), jax.tree_util.keystr(path)
