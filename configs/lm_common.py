@@ -55,6 +55,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Prompts: a shipped set (fdrl/prompts/*.txt), a text file, or a prepared TFDS dataset.
     c.prompts = "chat"
     c.num_prompts = 0  # 0 = all
+    # For a TFDS dataset: its split, the text feature holding a prompt, and the data_dir it
+    # was prepared in ("" = TFDS' default, ~/tensorflow_datasets). Nothing is downloaded.
+    c.prompts_split = "train"
+    c.prompts_field = "prompt"
+    c.prompts_data_dir = ""
     c.chat_template = True
     c.system_prompt = ""  # "" = no system turn (shorter prompts, one 32-token bucket)
     c.conditional = False  # one Z_c per prompt (CDPG) instead of one Z

@@ -165,8 +165,7 @@ def main(argv):
             raise app.UsageError(f"{e} (or pass --base to sample the base model only)")
     prompts = list(_PROMPT.value)
     if not prompts:
-        from fdrl import data
-        prompts = data.load_prompts(config.prompts, limit=_NUM_PROMPTS.value)
+        prompts = train.load_config_prompts(config, limit=_NUM_PROMPTS.value)
     if use_qrs:
         records, summaries = qrs_run(config, prompts, _NUM_SAMPLES.value, _STEP.value, _BASE.value, _SEED.value,
                                      acceptance=_QRS_ACCEPTANCE.value, log_beta=_QRS_LOG_BETA.value,

@@ -111,7 +111,9 @@ def load_prompts(source: str, *, split: str = "train", field: str = "prompt", da
 
     Args:
       source: a shipped prompt set name (see `shipped_prompt_sets()`), a path to a
-        text file, or the name of a TFDS dataset prepared under data_dir.
+        text file, or the name of a TFDS dataset prepared under data_dir (TFDS' own
+        default, ~/tensorflow_datasets, where None). Nothing is downloaded: a dataset
+        that is not prepared there is an error.
       split, field: for TFDS datasets, which split and which text feature.
       limit: keep the first `limit` prompts.
     """
@@ -123,16 +125,32 @@ def load_prompts(source: str, *, split: str = "train", field: str = "prompt", da
         source_ds = tfds.data_source("fdrl_prompts", data_dir=target_dir, split="train")
     else:
         try:
-            source_ds = tfds.data_source(source, data_dir=data_dir, split=split)
-        except Exception as e:  # tfds raises several kinds for a missing dataset
-            raise ValueError(
-                f"prompt source {source!r} is neither a shipped set {shipped_prompt_sets()}, nor a text file, "
-                f"nor a TFDS dataset prepared in data_dir={data_dir!r}: {e}") from None
+            # download=False: tfds would otherwise try to fetch and prepare a known dataset
+            # (minutes of retries offline) where the user has not prepared it.
+            source_ds = tfds.data_source(source, data_dir=data_dir, split=split, download=False)
+        except Exception as e:  # tfds raises several kinds for a missing dataset or split
+            raise ValueError(_unknown_source_message(source, split, data_dir, e)) from None
     n = len(source_ds) if limit is None else min(limit, len(source_ds))
     out = []
     for i in range(n):
-        value = source_ds[i][field]
+        example = source_ds[i]
+        if field not in example:
+            raise ValueError(f"prompt source {source!r} has no field {field!r}; its fields are {sorted(example)}")
+        value = example[field]
         out.append(value.decode("utf-8") if isinstance(value, bytes) else str(value))
     if not out:
         raise ValueError(f"prompt source {source!r} has no prompts")
     return out
+
+
+def _unknown_source_message(source: str, split: str, data_dir: str | None, error: Exception) -> str:
+    """What was looked for, tfds' reason in one line (not its list of every dataset it knows),
+    and the shipped sets whose names are close to `source`."""
+    import difflib
+
+    reason = str(error).strip().splitlines()[0].strip("\"'").rstrip(".") if str(error).strip() else type(error).__name__
+    close = difflib.get_close_matches(source, shipped_prompt_sets(), n=2)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return (f"prompt source {source!r} is neither a shipped set {shipped_prompt_sets()}, nor a text file, "
+            f"nor a TFDS dataset with split {split!r} prepared in data_dir={data_dir!r} "
+            f"(nothing is downloaded): {reason}{hint}")

@@ -191,13 +191,22 @@ def build_task(config, mesh=None, rules=None) -> Task:
     """Model, tokenizer, prompts, target and sampler; on `mesh` (with parsed `rules`) the
     reference parameters are loaded onto their shards and the sampler keeps the batch split."""
     validate(config)
+    prompts = load_config_prompts(config)  # before the model loads: a wrong source fails at once
     shardings = None if mesh is None else functools.partial(sharding.param_shardings, mesh=mesh, rules=rules)
     graphdef, ref_params, model_config, tok = build_model(config, shardings)
-    prompts = data.load_prompts(config.prompts, limit=config.get("num_prompts") or None)
     sampler = make_sampler(config, graphdef, model_config, tok, mesh, rules)
     prompt_tokens, prompt_valid = encode_prompts(config, tok, sampler, prompts)
     return Task(graphdef, ref_params, model_config, tok, prompts, prompt_tokens, prompt_valid,
                 build_target(config), sampler)
+
+
+def load_config_prompts(config, limit: Optional[int] = None) -> list[str]:
+    """The prompts `config.prompts` names (`config.num_prompts` of them, or `limit`), read from
+    a TFDS dataset's `prompts_split` / `prompts_field` in `prompts_data_dir` where it is one."""
+    return data.load_prompts(config.prompts, split=config.get("prompts_split", "train"),
+                             field=config.get("prompts_field", "prompt"),
+                             data_dir=config.get("prompts_data_dir", "") or None,
+                             limit=limit or config.get("num_prompts") or None)
 
 
 def encode_prompts(config, tok, sampler: Sampler, prompts) -> tuple[np.ndarray, np.ndarray]:
