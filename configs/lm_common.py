@@ -30,7 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
     # f-DPG drawing from π itself (on-policy, temperature 1, no top-k/top-p): the sampler
     # keeps every layer's input (~0.14 GB at batch 32 × 32 on SmolLM2) and the update
     # differentiates π from them, skipping its own forward pass of the policy
-    # (fdrl.models.llama.continuation_logp_from_states; fdrl.train.reuses_sampler_states).
+    # (fdrl.models.llama.continuation_logp_from_states; fdrl.lm_task.reuses_sampler_states).
     # The gradient is teacher forcing's to float32 round-off. Ignored where not possible.
     c.reuse_sampler_states = True
     # Teacher forcing makes logits for this many positions at a time ([chunk, vocab] blocks,
@@ -39,7 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
     # backward here) and bounds the logits of longer runs at 200 MB a block.
     c.logits_chunk = 1024
     # On CPU, compile the update with XLA's memory-minimising instruction order instead of
-    # the default concurrency-optimised one (fdrl.train.update_compiler_options): 0.28 GB
+    # the default concurrency-optimised one (fdrl.lm_step.update_compiler_options): 0.28 GB
     # less at SmolLM2's batch 32 × 32, no slower on 2 cores. No effect on GPU/TPU.
     c.memory_scheduler = True
     # Keep the frozen reference model in the GGUF file's own Q4_1/Q8_0 blocks (0.1 GB for
@@ -93,9 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.batch_size = 16
     # Gradient accumulation: the step samples and differentiates its batch this many samples
     # at a time, so sampling and the update need a microbatch's memory while log Z, the
-    # baseline and the gradient are the whole batch's (fdrl.train.accumulated_update). PPO
+    # baseline and the gradient are the whole batch's (fdrl.lm_step.accumulated_update). PPO
     # scores its rollouts this many at a time and differentiates each ppo minibatch in chunks
-    # of this many (fdrl.train.ppo_update). 0 = the whole batch at once. Must divide
+    # of this many (fdrl.lm_step.ppo_update). 0 = the whole batch at once. Must divide
     # batch_size, and for PPO a minibatch (batch_size / ppo.minibatches) where smaller.
     c.microbatch_size = 0
     c.proposal = "policy"  # "policy" or "offpolicy" (DPG's q ← π when π is closer to p)

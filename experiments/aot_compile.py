@@ -4,7 +4,7 @@ shapes alone, on 8-device meshes, and reports XLA's memory analysis per device.
   python experiments/aot_compile.py            # fakes 8 CPU devices if there are fewer
 
 Nothing is allocated: parameters, optimiser state and batch are ShapeDtypeStructs
-carrying their shardings (fdrl.train.lower_update). Writes experiments/results/aot_1b.md.
+carrying their shardings (fdrl.lm_step.lower_update). Writes experiments/results/aot_1b.md.
 """
 
 import os

@@ -157,7 +157,7 @@ def auto_column_blocks(batch: int) -> int:
 
 # XLA's CPU scheduler that orders a computation for the least memory: `Sampler` compiles
 # calls that transpose their layers with it (`auto_transposed_layers`), and the trainer its
-# update (`train.update_compiler_options`).
+# update (`lm_step.update_compiler_options`).
 CPU_LOW_MEMORY_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 _TRANSPOSED_LAYERS_MAX_ROWS = 16
 
