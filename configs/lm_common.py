@@ -30,7 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
     # f-DPG drawing from π itself (on-policy, temperature 1, no top-k/top-p): the sampler
     # keeps every layer's input (~0.14 GB at batch 32 × 32 on SmolLM2) and the update
     # differentiates π from them, skipping its own forward pass of the policy
-    # (fdrl.models.llama.continuation_logp_from_states; fdrl.lm_task.reuses_sampler_states).
+    # (fdrl.models.logprobs.continuation_logp_from_states; fdrl.lm_task.reuses_sampler_states).
     # The gradient is teacher forcing's to float32 round-off. Ignored where not possible.
     c.reuse_sampler_states = True
     # Teacher forcing makes logits for this many positions at a time ([chunk, vocab] blocks,

@@ -32,7 +32,7 @@ import optax
 from configs import smollm2_sentiment
 from fdrl import host_memory, train
 from fdrl.losses import fdpg_loss
-from fdrl.models import llama
+from fdrl.models import logprobs
 
 _MODEL = flags.DEFINE_enum("model", "smollm2", ["smollm2", "tiny"], "Model to benchmark.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Samples per step.")
@@ -290,7 +290,7 @@ def main(argv):
     # Teacher forcing reads P + N − 1 slots and makes logits for the N completion tokens.
     scored = b * (p_len + n_new - 1)
 
-    ref_fn = jax.jit(lambda p, *a: jnp.sum(llama.continuation_logp(graphdef, p, *a)[0], 1))
+    ref_fn = jax.jit(lambda p, *a: jnp.sum(logprobs.continuation_logp(graphdef, p, *a)[0], 1))
     ref_args = (task.ref_params, prompt, valid, out.tokens, out.mask)
     t_ref, ref_logp = timed(ref_fn, *ref_args, repeats=_REPEATS.value)
     rows.append(("reference", t_ref, forward_flops(scored, b * n_new), xla_flops(ref_fn, *ref_args)))
@@ -302,10 +302,10 @@ def main(argv):
     # teacher forcing's forward and backward.
     def policy_loss(params, prompt, valid, tokens, mask, log_P, *states_and_logp):
         if states_and_logp:
-            tok_logp = llama.continuation_logp_from_states(graphdef, params, prompt, valid, tokens, mask,
+            tok_logp = logprobs.continuation_logp_from_states(graphdef, params, prompt, valid, tokens, mask,
                                                            *states_and_logp)
         else:
-            tok_logp = llama.continuation_logp(graphdef, params, prompt, valid, tokens, mask)[0]
+            tok_logp = logprobs.continuation_logp(graphdef, params, prompt, valid, tokens, mask)[0]
         return fdpg_loss("js", jnp.sum(tok_logp, 1), log_P=log_P)[0]
 
     grad_fn = jax.jit(jax.value_and_grad(policy_loss))

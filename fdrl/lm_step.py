@@ -21,7 +21,7 @@ from flax import nnx
 from fdrl import divergences, estimators, ppo, sampling, sharding
 from fdrl.losses import fdpg_loss
 from fdrl.lm_task import is_pure_sampling, num_microbatches, reuses_sampler_states
-from fdrl.models import llama, quant
+from fdrl.models import llama, logprobs, quant
 from fdrl.optim import make_optimizer
 
 Array = jax.Array
@@ -82,8 +82,8 @@ def _advance_key(state: LMTrainState) -> LMTrainState:
 # --- the update ---------------------------------------------------------------------
 
 def sequence_logp(graphdef, params, prompt, prompt_valid, completion, mask) -> Array:
-    """[B] teacher-forced log-probs of whole completions (llama.continuation_logp summed)."""
-    return jnp.sum(llama.continuation_logp(graphdef, params, prompt, prompt_valid, completion, mask)[0], axis=1)
+    """[B] teacher-forced log-probs of whole completions (logprobs.continuation_logp summed)."""
+    return jnp.sum(logprobs.continuation_logp(graphdef, params, prompt, prompt_valid, completion, mask)[0], axis=1)
 
 
 def _map_microbatches(fn, stacked: tuple):
@@ -152,16 +152,16 @@ def update(config, graphdef, optimizer, ref_params, state: LMTrainState, prompt,
     """The jitted part of a step. Returns (state, scalars). `states`: the sampler's
     (reuses_sampler_states), which replace the policy's forward pass."""
     state = _advance_key(state)
-    ref_tok, _ = llama.continuation_logp(graphdef, ref_params, prompt, prompt_valid, completion, mask)
+    ref_tok, _ = logprobs.continuation_logp(graphdef, ref_params, prompt, prompt_valid, completion, mask)
     ref_logp = jnp.sum(ref_tok, axis=1)
     proposal_logp = jnp.sum(sampler_logp, axis=1)
     log_P, log_z, log_Z = _estimates(config, state, ref_logp, log_potential, proposal_logp, context_ids)
 
     def loss_fn(params):
         if states is None:
-            tok_logp, _ = llama.continuation_logp(graphdef, params, prompt, prompt_valid, completion, mask)
+            tok_logp, _ = logprobs.continuation_logp(graphdef, params, prompt, prompt_valid, completion, mask)
         else:
-            tok_logp = llama.continuation_logp_from_states(graphdef, params, prompt, prompt_valid, completion, mask,
+            tok_logp = logprobs.continuation_logp_from_states(graphdef, params, prompt, prompt_valid, completion, mask,
                                                            states, sampler_logp)
         policy_logp = jnp.sum(tok_logp, axis=1)
         loss, diag = _fdpg_batch_loss(config, state, policy_logp, log_P, proposal_logp, log_Z)
@@ -185,7 +185,7 @@ def accumulated_update(config, graphdef, optimizer, ref_params, state: LMTrainSt
     loss is linear in log π (the coefficients are stop-gradients); (2) the parameters'
     gradient Σ_i ∂loss/∂log π_i · ∇ log π_i, a microbatch at a time: a forward pass keeps
     each layer's input and the backward pass adds each layer's gradient into the float32
-    sums (`llama.accumulate_continuation_grads`). The result is the whole batch's gradient,
+    sums (`logprobs.accumulate_continuation_grads`). The result is the whole batch's gradient,
     to float32 summation order; the update's memory is about that of a microbatch's update.
     """
     state = _advance_key(state)
@@ -208,7 +208,7 @@ def accumulated_update(config, graphdef, optimizer, ref_params, state: LMTrainSt
     def accumulate(grads, xs):  # each layer's gradient is added into the sums as it is made
         microbatch, coeff = xs
         token_cotangent = jnp.broadcast_to(coeff[:, None], microbatch[2].shape)
-        return llama.accumulate_continuation_grads(graphdef, state.params, *microbatch, token_cotangent, grads), None
+        return logprobs.accumulate_continuation_grads(graphdef, state.params, *microbatch, token_cotangent, grads), None
 
     sums, _ = jax.lax.scan(accumulate, _zero_sums(state.params), (batch, dloss_dlogp.reshape(micro, size)))
     grads = _as_param_dtypes(sums, state.params)
@@ -226,7 +226,7 @@ def ppo_update(config, graphdef, optimizer, ref_params, state: LMTrainState, pro
     With microbatches (config.microbatch_size = b), each argument after the state is a
     tuple of M arrays [b, ...], one per sampling call: the rollouts are scored b rows at a
     time, and the gradient of a minibatch of more than b rows is accumulated over its rows b
-    at a time (`llama.accumulate_loss_grads`: each layer's gradient added into float32 sums).
+    at a time (`logprobs.accumulate_loss_grads`: each layer's gradient added into float32 sums).
     A chunk's losses are weighted by its share of the minibatch (of its real tokens for
     token means, of its rows for sequence means), so their sum is the minibatch's loss and
     gradient.
@@ -240,7 +240,7 @@ def ppo_update(config, graphdef, optimizer, ref_params, state: LMTrainState, pro
     prompt, prompt_valid, completion, mask, sampler_logp, log_potential, context_ids = arrays
 
     def score(params):  # per-token log-probs and values [B, T], a sampling call's rows at a time
-        scored = functools.partial(llama.continuation_logp, graphdef, params)
+        scored = functools.partial(logprobs.continuation_logp, graphdef, params)
         args = (prompt, prompt_valid, completion, mask)
         return scored(*args) if micro == 1 else _map_microbatches(scored, args)
 
@@ -283,14 +283,14 @@ def ppo_update(config, graphdef, optimizer, ref_params, state: LMTrainState, pro
         minibatch_tokens = jnp.sum(batch[3][idx])
         if chunks == 1:
             def loss_fn(params):
-                tok, values = llama.continuation_logp(graphdef, params, *(x[idx] for x in batch[:4]))
+                tok, values = logprobs.continuation_logp(graphdef, params, *(x[idx] for x in batch[:4]))
                 return weighted_loss(tok, values, idx, minibatch_tokens)
 
             (loss, (v_loss, clip)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         else:  # each chunk's layer gradients added into float32 sums as they are made
             def accumulate(carry, rows):
                 sums, totals = carry
-                sums, out = llama.accumulate_loss_grads(
+                sums, out = logprobs.accumulate_loss_grads(
                     graphdef, params, *(x[rows] for x in batch[:4]),
                     functools.partial(weighted_loss, rows=rows, minibatch_tokens=minibatch_tokens), sums)
                 return (sums, jax.tree.map(jnp.add, totals, out)), None

@@ -200,7 +200,7 @@ def is_pure_sampling(config) -> bool:
 
 def reuses_sampler_states(config) -> bool:
     """Whether the update differentiates the policy from the sampler's saved layer inputs
-    (llama.continuation_logp_from_states) instead of a forward pass of its own: asked for
+    (logprobs.continuation_logp_from_states) instead of a forward pass of its own: asked for
     (`config.reuse_sampler_states`) and possible, i.e. f-DPG drawing from π itself
     (on-policy, temperature 1, no top-k or top-p), so that the sampler ran π's forward, in
     one sampling call (with microbatches, every call's states would be held until the

@@ -35,7 +35,7 @@ class SampleOutput(NamedTuple):
     mask: Array  # [B, N] bool: real generated tokens, EOS included
     logp: Array  # [B, N] float32 sampler log-probs, 0 where masked
     # [B, L + 1, P + N − 1, D] with keep_states: every layer's input at every slot the model
-    # read, and the last layer's output (llama.continuation_logp_from_states); else None.
+    # read, and the last layer's output (logprobs.continuation_logp_from_states); else None.
     states: Optional[Array] = None
 
 
@@ -199,7 +199,7 @@ class Sampler:
         on a mesh the batch stays split over the data axes from the prompt to the update.
         keep_states: also return the layers' inputs (SampleOutput.states, sharded by
         `states_sharding`), so that an update can differentiate the policy's log-probs
-        without a forward pass (llama.continuation_logp_from_states).
+        without a forward pass (logprobs.continuation_logp_from_states).
         column_blocks: the layers' lone products in that many column blocks
         (`Llama.unstack_layers`); None = `auto_column_blocks` of the batch. The samples are
         the same up to float rounding.

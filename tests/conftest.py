@@ -82,3 +82,18 @@ def pytest_sessionfinish(session, exitstatus):
     for folder in (_XLA_CACHE, _DATA_DIR):
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    """(config, graphdef, params) of the tiny random Llama with a value head."""
+    from flax import nnx
+
+    from fdrl.models import llama
+
+    config = llama.LlamaConfig.tiny(value_head=True)
+    graphdef, params = nnx.split(llama.Llama(config, rngs=nnx.Rngs(0)))
+    return config, graphdef, params

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fdrl.models import gguf_loader, llama
+from fdrl.models import gguf_loader, llama, logprobs
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "smollm2_golden.json")
 
@@ -68,7 +68,7 @@ def test_smollm2_sampler_logp_equals_teacher_forced():
                                  ["Tell me about your day.", "Describe the weather today in three words."]])
     for layers in (None, sampler.decode_layers(params, 2)):  # made in the call; kept (transposed)
         out = sampler(params, prompt, valid, jax.random.PRNGKey(0), layers=layers)
-        forced, _ = llama.continuation_logp(graphdef, params, jnp.asarray(prompt), jnp.asarray(valid), out.tokens,
+        forced, _ = logprobs.continuation_logp(graphdef, params, jnp.asarray(prompt), jnp.asarray(valid), out.tokens,
                                             out.mask)
         np.testing.assert_allclose(out.logp, forced, atol=1e-4)
         texts = tok.decode_batch(out.tokens, out.mask)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fdrl.models import gguf_loader, llama, quant
+from fdrl.models import gguf_loader, llama, logprobs, quant
 
 KINDS = {"Q4_1": gguf.GGMLQuantizationType.Q4_1, "Q8_0": gguf.GGMLQuantizationType.Q8_0}
 
@@ -100,8 +100,8 @@ def test_model_with_quantized_weights_matches_its_float_copy():
     valid = jnp.asarray([[True] * 5, [False, False, True, True, True]])
     completion = jnp.asarray(rng.integers(0, config.vocab_size, (2, 4)))
     mask = jnp.ones((2, 4), bool)
-    logp_q, _ = jax.jit(lambda p: llama.continuation_logp(graphdef, p, prompt, valid, completion, mask))(qparams)
-    logp_f, _ = llama.continuation_logp(graphdef, float_params, prompt, valid, completion, mask)
+    logp_q, _ = jax.jit(lambda p: logprobs.continuation_logp(graphdef, p, prompt, valid, completion, mask))(qparams)
+    logp_f, _ = logprobs.continuation_logp(graphdef, float_params, prompt, valid, completion, mask)
     np.testing.assert_allclose(logp_q, logp_f, atol=1e-5)
     # The sampler's path: per-layer weights dequantised once (unstack_layers), cached decoding.
     from fdrl.sampling import Sampler

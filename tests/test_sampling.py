@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from fdrl import sampling
-from fdrl.models import llama
+from fdrl.models import llama, logprobs
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_sampler_logp_equals_teacher_forced_logp(model, transposed, kept):
     prompt, valid = sampler.pad([[5, 6, 7], [8, 9, 10, 11, 12]])
     layers = sampler.decode_layers(params, 2) if kept else None
     out = sampler(params, prompt, valid, jax.random.PRNGKey(0), layers=layers)
-    forced, _ = llama.continuation_logp(graphdef, params, jnp.asarray(prompt), jnp.asarray(valid), out.tokens, out.mask)
+    forced, _ = logprobs.continuation_logp(graphdef, params, jnp.asarray(prompt), jnp.asarray(valid), out.tokens, out.mask)
     np.testing.assert_allclose(out.logp, forced, atol=1e-4)
 
 
