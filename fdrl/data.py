@@ -12,6 +12,7 @@ written once as an `array_record` TFDS dataset and read back with
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import io
 import os
@@ -146,8 +147,6 @@ def load_prompts(source: str, *, split: str = "train", field: str = "prompt", da
 def _unknown_source_message(source: str, split: str, data_dir: str | None, error: Exception) -> str:
     """What was looked for, tfds' reason in one line (not its list of every dataset it knows),
     and the shipped sets whose names are close to `source`."""
-    import difflib
-
     reason = str(error).strip().splitlines()[0].strip("\"'").rstrip(".") if str(error).strip() else type(error).__name__
     close = difflib.get_close_matches(source, shipped_prompt_sets(), n=2)
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
