@@ -4,8 +4,10 @@ inputs (`continuation_logp_from_states`), and gradients added a layer at a time 
 float32 sums (`accumulate_continuation_grads` for a loss linear in the log-probs,
 `accumulate_loss_grads` for any loss of the per-token log-probs and values).
 
-Log-probs are float32 whatever the compute dtype; the output projection's logits are made
-`chunk` positions at a time and never kept for the backward pass.
+Log-probs are float32 whatever the compute dtype. The output projection's logits are made
+`LlamaConfig.logits_chunk` positions at a time (`chunked_token_logp`; 0 = all at once),
+each chunk recomputed in the backward pass: below B·N positions, the whole [B, N, V]
+logits never exist.
 """
 
 from __future__ import annotations
