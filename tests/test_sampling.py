@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from fdrl import sampling
-from fdrl.models import llama, logprobs
+from fdrl.models import kernels, llama, logprobs
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +173,7 @@ def test_kept_decode_layers_draw_the_same_samples_without_retracing(model, batch
     layers = sampler.decode_layers(params, batch, transposed)
     # On CPU in float32 the kept weights are transposed unless asked otherwise (elsewhere only if asked).
     want_transposed = transposed if transposed is not None else jax.default_backend() == "cpu"
-    assert isinstance(layers[0][6], llama.TransposedWeight) == want_transposed
+    assert isinstance(layers[0][6], kernels.TransposedWeight) == want_transposed
     if want_transposed:
         assert layers[0][6].w_t.shape == (config.ffn_dim, config.hidden_dim)  # w_gate as [out, in]
         # w_down [F, D]: column blocks from batch 2 on, on CPU (sampling.auto_column_blocks)

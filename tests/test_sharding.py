@@ -147,7 +147,7 @@ def test_resume_on_another_mesh_through_the_loop(tmp_path):
 
 
 # One device too: XLA's CPU layouts there once gave the prefill's attention scores a
-# BF16 x BF16 -> F32 product its runtime has no kernel for (llama._einsum_f32).
+# BF16 x BF16 -> F32 product its runtime has no kernel for (kernels.einsum_f32).
 @pytest.mark.parametrize("shape", [(2, 2, 2), (1, 1, 1)])
 def test_bfloat16_parameters_keep_a_float32_master_and_float32_logprobs(shape, tmp_path):
     trainer = train.Trainer(config_on(shape, tmp_path, param_dtype="bfloat16", compute_dtype="bfloat16"))

@@ -27,6 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fdrl.models import kernels
+from fdrl.models.kernels import TransposedWeight
+
 Array = jax.Array
 
 
@@ -35,150 +38,6 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-
-
-# A decode step of at most this many rows makes its logits as embed [V, D] @ hidden [D, B]
-# on CPU (`_decode_logits`).
-_COLUMN_LOGITS_MAX_ROWS = 32
-
-
-def _decode_logits(hidden: Array, embed: Array) -> Array:
-    """A decode step's tied output projection: hidden [B, 1, D] against embed [V, D] → float32
-    logits [B, 1, V].
-
-    On CPU as embed @ hidden [D, B], transposed after: XLA's CPU kernels repack a product's
-    right operand, and hidden @ embedᵀ repacks the whole [V, D] embedding every decoded
-    token. SmolLM2 (V = 49152, D = 576) on 2 cores of an AMD EPYC (ad hoc, medians of 5
-    alternating rounds): the product alone 10.0 against 16.6 ms at 16 rows, 15.7 against
-    21.2 at 32, but 31.5 against 25.9 at 64 (hence `_COLUMN_LOGITS_MAX_ROWS`); the sampler
-    with kept layers 1.05-1.10x the tokens/s at batch 16, 1.04-1.08x at 32 (one run of three
-    0.93x, as the host slowed). The barrier keeps XLA from folding the transpose back into
-    the product."""
-    def columns(hidden, embed):
-        f32 = jnp.float32  # as _einsum_f32 on CPU: float32 copies of low-precision operands
-        cols = embed.astype(f32) @ hidden[:, 0].T.astype(f32)  # [V, B]
-        return jax.lax.optimization_barrier(cols).T[:, None]
-
-    return jax.lax.platform_dependent(hidden, embed, cpu=columns, default=lambda h, e: _logits(h, e.T))
-
-
-def _einsum_f32(spec: str, a: Array, b: Array) -> Array:
-    """jnp.einsum(spec, a, b) with float32 results whatever the operands' dtype.
-
-    On accelerators low-precision operands stay as they are, accumulating in float32.
-    XLA's CPU runtime has no BF16 x BF16 -> F32 kernel for some of the layouts it gives
-    these products (the attention scores of a prefill, say: "Unsupported element type for
-    DotThunk::Execute"), so on CPU the operands are upcast first, which is how that
-    backend runs bfloat16 products anyway.
-    """
-    f32 = jnp.float32
-    if a.dtype == f32 and b.dtype == f32:
-        return jnp.einsum(spec, a, b)
-    return jax.lax.platform_dependent(
-        a, b, cpu=lambda a, b: jnp.einsum(spec, a.astype(f32), b.astype(f32)),
-        default=lambda a, b: jnp.einsum(spec, a, b, preferred_element_type=f32))
-
-
-def _logits(hidden: Array, out_w: Array) -> Array:
-    """The output projection: hidden [..., D] @ out_w [D, V] → float32 logits [..., V]."""
-    return _einsum_f32("...d,dv->...v", hidden, out_w)
-
-
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["w_t"], meta_fields=[])
-@dataclasses.dataclass(frozen=True)
-class TransposedWeight:
-    """A layer weight w [D, F] kept as its transpose w_t [F, D], row-major
-    (`Llama.unstack_layers(transposed=True)`). A decode step's products are then w_t @ h
-    with activations h [D, B] (`_layer_columns`); a prefill's contract the minor axes of
-    x [B·T, D] and w_t. For decoding's few rows, XLA's CPU library kernels run either faster
-    than x @ w: SmolLM2's decode products, 30 chained layers at 16 rows on 2 cores of an Intel
-    Xeon, 37–38 against 40–41 ms per token contracting minor axes (an ad-hoc probe), and
-    w_t @ h faster again (`_layer_columns`). Making the copy costs more than that within one
-    generation, so only weights kept across calls use it (`Sampler.decode_layers`)."""
-    w_t: Array
-
-    def astype(self, dtype) -> "TransposedWeight":
-        return TransposedWeight(self.w_t.astype(dtype))
-
-
-def _dot_nt(x: Array, w_t: Array, preferred_element_type=None) -> Array:
-    """x [..., K] · w_t [N, K]ᵀ → [..., N]."""
-    return jax.lax.dot_general(x, w_t, (((x.ndim - 1,), (1,)), ((), ())),
-                               preferred_element_type=preferred_element_type)
-
-
-def _dot_f32(x: Array, w) -> Array:
-    """x [..., K] @ w [K, N] (or a TransposedWeight) with float32 results (a low-precision
-    product should get row-major operands: `_transposed`, `_output_operands`)."""
-    if isinstance(w, TransposedWeight):
-        return _dot_nt(x, w.w_t, None if x.dtype == w.w_t.dtype == jnp.float32 else jnp.float32)
-    if x.dtype == jnp.float32 and w.dtype == jnp.float32:
-        return x @ w
-    return jnp.dot(x, w, preferred_element_type=jnp.float32)
-
-
-def _rounded_matmul(x: Array, w: Array) -> Array:
-    """x @ w in x's dtype, a low-precision product made with float32 results and rounded
-    once; no backward of its own (`_matmul` is the differentiable face; `_swiglu` writes its
-    own). Unlike `_einsum_f32` it keeps preferred_element_type on CPU: these plain 2-D
-    products go to XLA's library kernels, which take BF16 x BF16 -> F32 (bfloat16 trainer
-    steps on one device and on a 2 x 2 x 2 mesh in tests/test_sharding.py)."""
-    return _dot_f32(x, w).astype(x.dtype)
-
-
-def _transposed(x: Array) -> Array:
-    """x.T of a 2-D operand of a product (the backward passes' products, the output
-    projection of an update).
-
-    float32: plain x.T. Low precision on CPU: a row-major copy made by a gather. XLA on CPU
-    keeps a bfloat16 product in bfloat16 (AMX where the CPU has it) only when both operands
-    are row-major and contract as [M, K] × [K, N]. A transpose made any other way (even
-    behind an optimization_barrier or inside a lax.cond) ends up folded into the product or
-    laid out column-major, and XLA then multiplies float32 copies of the operands instead:
-    ~200 against ~900 GFLOP/s for SmolLM2's layer shapes on an AMX host. A gather that
-    permutes the elements is neither. (On a mesh of CPU devices the gather collects a
-    sharded operand whole: correct, not fast.) Other platforms: plain x.T.
-    """
-    if x.dtype == jnp.float32:
-        return x.T
-
-    def gathered(x):
-        rows, cols = x.shape
-        index = jnp.arange(cols, dtype=jnp.int32)[:, None] + cols * jnp.arange(rows, dtype=jnp.int32)[None, :]
-        return x.reshape(-1).at[index].get(mode="promise_in_bounds", unique_indices=True)
-
-    return jax.lax.platform_dependent(x, cpu=gathered, default=lambda x: x.T)
-
-
-def _matmul(x: Array, w) -> Array:
-    """x [..., D] @ w [D, F] in x's dtype; low-precision operands through `_low_matmul`.
-    A TransposedWeight (cached decoding, never differentiated) through `_rounded_matmul`."""
-    if isinstance(w, TransposedWeight):
-        return _rounded_matmul(x, w)
-    return x @ w if x.dtype == jnp.float32 else _low_matmul(x, w)
-
-
-@jax.custom_vjp
-def _low_matmul(x: Array, w: Array) -> Array:
-    """x @ w for bfloat16 operands, multiplied with float32 results and rounded once. XLA
-    on CPU runs a bfloat16 -> bfloat16 product as a float32 dot of converted copies; asked
-    for a float32 result it keeps the operands bfloat16 (AMX on Intel CPUs that have it).
-    The backward pass is autodiff's for x @ w, its products likewise (autodiff's transpose
-    of a float32-result product would multiply a float32 cotangent by bfloat16 weights)."""
-    return _rounded_matmul(x, w)
-
-
-def _low_matmul_fwd(x, w):
-    return _rounded_matmul(x, w), (x, w)
-
-
-def _low_matmul_bwd(residuals, g):
-    x, w = residuals
-    d_w = _rounded_matmul(_transposed(x.reshape(-1, x.shape[-1])), g.reshape(-1, g.shape[-1]))
-    return _rounded_matmul(g, _transposed(w)), d_w.astype(w.dtype)
-
-
-_low_matmul.defvjp(_low_matmul_fwd, _low_matmul_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -395,10 +254,10 @@ class Llama(nnx.Module):
         hidden = _rms_norm(x, self.final_norm[...].astype(cdt), c.norm_eps)
         logits = None
         if with_logits:
-            if cache is not None and length == 1 and self.lm_head is None and batch <= _COLUMN_LOGITS_MAX_ROWS:
-                logits = _decode_logits(hidden, self.embed[...].astype(cdt))
+            if cache is not None and length == 1 and self.lm_head is None and batch <= kernels.COLUMN_LOGITS_MAX_ROWS:
+                logits = kernels.decode_logits(hidden, self.embed[...].astype(cdt))
             else:
-                logits = _logits(hidden, self.output_weights())
+                logits = kernels.output_logits(hidden, self.output_weights())
         values = None
         if self.value_w is not None:
             values = _value_estimates(hidden, self.value_w[...], self.value_b[...])
@@ -483,20 +342,20 @@ def _layer(c: LlamaConfig, x: Array, params: tuple, attend, *, cos: Array, sin: 
     h = _rms_norm(x, attn_norm, c.norm_eps)
     q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     if wk is None:  # q, k and v from one product's column blocks
-        q, k, v = jnp.split(_blocks_matmul(h, wq), [q_width, q_width + kv_width], axis=-1)
+        q, k, v = jnp.split(kernels.blocks_matmul(h, wq), [q_width, q_width + kv_width], axis=-1)
     else:
-        q, k, v = _blocks_matmul(h, wq), _matmul(h, wk), _matmul(h, wv)
+        q, k, v = kernels.blocks_matmul(h, wq), kernels.matmul(h, wk), kernels.matmul(h, wv)
     q = q.reshape(batch, length, c.num_heads, c.head_dim)
     k = k.reshape(batch, length, c.num_kv_heads, c.head_dim)
     v = v.reshape(batch, length, c.num_kv_heads, c.head_dim)
     q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
     attn, extra = attend(q, k, v)
-    x = x + _blocks_matmul(attn.reshape(batch, length, -1), wo)
+    x = x + kernels.blocks_matmul(attn.reshape(batch, length, -1), wo)
     h = _rms_norm(x, mlp_norm, c.norm_eps)
     # Blocks and transposed weights come from unstack_layers, for cached calls, which are
     # never differentiated.
     plain = all(isinstance(w, jax.Array) for w in (w_gate, w_up, w_down))
-    x = x + (_swiglu(h, w_gate, w_up, w_down) if plain else _swiglu_fwd(h, w_gate, w_up, w_down)[0])
+    x = x + (kernels.swiglu(h, w_gate, w_up, w_down) if plain else kernels.swiglu_fwd(h, w_gate, w_up, w_down)[0])
     return x, extra
 
 
@@ -517,7 +376,7 @@ def _layer_columns(c: LlamaConfig, x: Array, params: tuple, attend, *, cos: Arra
     def mm(w, h_cols):  # w (or its column blocks) [.., N, K] @ h_cols [K, B] -> [N, B]
         if isinstance(w, tuple):
             return jnp.concatenate([mm(b, h_cols) for b in w], axis=0)
-        return _rounded_cols(w.w_t, h_cols)
+        return kernels.rounded_cols(w.w_t, h_cols)
 
     x_cols = x.reshape(batch, -1).T  # [D, B]
     h = _rms_norm(x_cols, attn_norm[:, None], c.norm_eps, axis=0)
@@ -536,62 +395,6 @@ def _layer_columns(c: LlamaConfig, x: Array, params: tuple, attend, *, cos: Arra
     act = jax.nn.silu(mm(w_gate, h)) * mm(w_up, h)
     x_cols = x_cols + mm(w_down, act)
     return x_cols.T.reshape(batch, 1, -1), extra
-
-
-def _rounded_cols(w_t: Array, h_cols: Array) -> Array:
-    """w_t [N, K] @ h_cols [K, B] in h_cols' dtype (float32 results, rounded once)."""
-    if w_t.dtype == h_cols.dtype == jnp.float32:
-        return w_t @ h_cols
-    return jnp.dot(w_t, h_cols, preferred_element_type=jnp.float32).astype(h_cols.dtype)
-
-
-def _blocks_matmul(x: Array, w, matmul=_matmul) -> Array:
-    """x [..., D] @ w [D, F], w an array (or TransposedWeight) or a tuple of its column
-    blocks (their products, concatenated)."""
-    if isinstance(w, tuple):
-        return jnp.concatenate([matmul(x, block) for block in w], axis=-1)
-    return matmul(x, w)
-
-
-@jax.custom_vjp
-def _swiglu(h: Array, w_gate: Array, w_up: Array, w_down: Array) -> Array:
-    """SwiGLU MLP on h [..., D]: (silu(h·W_gate) ⊙ h·W_up)·W_down. Its backward is written
-    out (`_swiglu_bwd`) for the layout of the weights' gradients, not for different maths."""
-    return _swiglu_fwd(h, w_gate, w_up, w_down)[0]  # residuals unused here: XLA drops them
-
-
-def _swiglu_fwd(h, w_gate, w_up, w_down):
-    gate, up = _rounded_matmul(h, w_gate), _rounded_matmul(h, w_up)
-    return _blocks_matmul(jax.nn.silu(gate) * up, w_down, _rounded_matmul), (h, gate, up, w_gate, w_up, w_down)
-
-
-def _swiglu_bwd(residuals, g):
-    # The weights' gradients contract over the B·T positions, the leading axis of both
-    # factors. Left to itself, XLA's CPU layout assignment made that contraction from a
-    # transposed copy of the [B·T, F] gate cotangent, written by the fusion that computes
-    # it (~36 ms a layer on SmolLM2 at 32 × 63 positions, more than any matmul of the
-    # layer's backward). Here the narrow [B·T, D] factors are transposed once instead
-    # (the barrier keeps XLA from folding the transpose back into the dot), and every
-    # matmul is a plain row-major product.
-    h, gate, up, w_gate, w_up, w_down = residuals
-    d_model, hidden_dim = h.shape[-1], gate.shape[-1]
-    h2, g2 = h.reshape(-1, d_model), g.reshape(-1, d_model)
-    gate2, up2 = gate.reshape(-1, hidden_dim), up.reshape(-1, hidden_dim)
-    sig = jax.nn.sigmoid(gate2)
-    act = gate2 * sig
-    d_hidden = _rounded_matmul(g2, _transposed(w_down))
-    d_up = d_hidden * act
-    d_gate = d_hidden * up2 * (sig * (1 + gate2 * (1 - sig)))
-    h_t, g_t = jax.lax.optimization_barrier((_transposed(h2), _transposed(g2)))
-    d_w_gate = _rounded_matmul(h_t, d_gate).astype(w_gate.dtype)
-    d_w_up = _rounded_matmul(h_t, d_up).astype(w_up.dtype)
-    d_w_down = _rounded_matmul(g_t, act * up2).T.astype(w_down.dtype)
-    d_h = _rounded_matmul(d_gate, _transposed(w_gate)) + _rounded_matmul(d_up, _transposed(w_up))
-    d_h = d_h.reshape(h.shape).astype(h.dtype)
-    return d_h, d_w_gate, d_w_up, d_w_down
-
-
-_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 def _value_estimates(hidden: Array, value_w: Array, value_b: Array) -> Array:
@@ -646,7 +449,7 @@ def _attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     b, t, h, hd = q.shape
     num_kv_heads = k.shape[1]
     q = q.reshape(b, t, num_kv_heads, h // num_kv_heads, hd)
-    scores = _einsum_f32("btkgd,bksd->bkgts", q, k) / jnp.sqrt(hd).astype(jnp.float32)
+    scores = kernels.einsum_f32("btkgd,bksd->bkgts", q, k) / jnp.sqrt(hd).astype(jnp.float32)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bksd->btkgd", probs, v)

@@ -18,19 +18,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fdrl.models.llama import (Array, LlamaConfig, _attention, _dot_f32, _heads_major, _layer, _logits, _rms_norm,
-                               _rotary_and_mask, _transposed, _value_estimates, token_logp_from_logits)
+from fdrl.models import kernels
+from fdrl.models.llama import (Array, LlamaConfig, _attention, _heads_major, _layer, _rms_norm, _rotary_and_mask,
+                               _value_estimates, token_logp_from_logits)
 
 
 @jax.custom_vjp
 def _projected_token_logp(hidden: Array, out_w: Array, targets: Array) -> Array:
     """token_logp_from_logits(hidden @ out_w, targets): hidden [..., D], out_w [D, V],
     targets [...] int → [...] float32, with a backward pass written for memory (below)."""
-    return token_logp_from_logits(_logits(hidden, out_w), targets)
+    return token_logp_from_logits(kernels.output_logits(hidden, out_w), targets)
 
 
 def _projected_token_logp_fwd(hidden, out_w, targets):
-    logits = _logits(hidden, out_w)
+    logits = kernels.output_logits(hidden, out_w)
     log_norm = jax.nn.logsumexp(logits, axis=-1)
     chosen = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return chosen - log_norm, (hidden, out_w, targets, logits, log_norm)
@@ -43,7 +44,7 @@ def _projected_token_logp_bwd(residuals, g):
     from it at once (`_output_projection_grads`)."""
     hidden, out_w, targets, logits, log_norm = residuals
     d_logits = _logits_cotangent(logits, log_norm, targets, g).astype(out_w.dtype)
-    d_hidden, d_out_w = _output_projection_grads(hidden, d_logits, _transposed(out_w))
+    d_hidden, d_out_w = _output_projection_grads(hidden, d_logits, kernels.transposed(out_w))
     return d_hidden, d_out_w.astype(out_w.dtype), None
 
 
@@ -55,9 +56,9 @@ def _logits_cotangent(logits: Array, log_norm: Array, targets: Array, g: Array) 
 
 def _output_operands(out_w: Array) -> tuple:
     """out_w [D, V] and its transpose [V, D] as the output projection's products take them
-    (`_transposed`: float32 as they are, low precision on CPU row-major copies). Make them
+    (`kernels.transposed`: float32 as they are, low precision on CPU row-major copies). Make them
     once per call."""
-    return _transposed(out_w.T), _transposed(out_w)
+    return kernels.transposed(out_w.T), kernels.transposed(out_w)
 
 
 def _output_projection_grads(hidden: Array, d_logits: Array, w_vd: Array):
@@ -69,8 +70,9 @@ def _output_projection_grads(hidden: Array, d_logits: Array, w_vd: Array):
     the layers' backward pass, holding the [..., V] cotangent through all of it. (An
     optimization_barrier does not hold: XLA on CPU expands it away before ordering the
     instructions.)"""
-    d_out_w = _dot_f32(_transposed(hidden.reshape(-1, hidden.shape[-1])), d_logits.reshape(-1, d_logits.shape[-1]))
-    d_hidden = _dot_f32(d_logits, w_vd)
+    hidden_t = kernels.transposed(hidden.reshape(-1, hidden.shape[-1]))
+    d_out_w = kernels.dot_f32(hidden_t, d_logits.reshape(-1, d_logits.shape[-1]))
+    d_hidden = kernels.dot_f32(d_logits, w_vd)
     d_hidden = (d_hidden + 0 * d_out_w[0, 0]).astype(hidden.dtype)  # the ordering dependency (0·x: XLA keeps it)
     return d_hidden, d_out_w
 
@@ -365,7 +367,7 @@ def _token_logp_grads(hidden: Array, out_w: Array, targets: Array, g: Array, chu
 
     def block(d_out_w, xs):
         h_c, t_c, g_c = xs
-        logits = _dot_f32(h_c, w_dv)
+        logits = kernels.dot_f32(h_c, w_dv)
         log_norm = jax.nn.logsumexp(logits, axis=-1)
         d_logits = _logits_cotangent(logits, log_norm, t_c, g_c).astype(out_w.dtype)
         d_h, d_w = _output_projection_grads(h_c, d_logits, w_vd)
