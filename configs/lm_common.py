@@ -155,6 +155,16 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# The f's an LM sweep compares (experiments/sweep.py, each config's get_sweep): forward KL
+# (GDC's), reverse KL (KL-regularised RLHF's), and between them JS and TV.
+SWEEP_F = ("fkl", "rkl", "js", "tv")
+
+
+def f_sweep(*extra: dict) -> list:
+    """One sweep entry (a dict of overrides, with an optional "label") per f of SWEEP_F, then `extra`."""
+    return [dict(f=f) for f in SWEEP_F] + list(extra)
+
+
 def apply_variant(c: ml_collections.ConfigDict, arg: str, name: str) -> ml_collections.ConfigDict:
     """'' = as is; 'demo' = a ~10-minute CPU run; 'smoke' = the tiny random model for a few steps (tests)."""
     if arg == "demo":

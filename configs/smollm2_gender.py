@@ -4,6 +4,7 @@ biographies use female pronouns. λ is fitted on base-model samples so E_p[φ] =
   python experiments/train.py --config=configs/smollm2_gender.py --config.f=fkl
   python experiments/train.py --config=configs/smollm2_gender.py --config.target.mu_bar="(0.3,)"
   python experiments/train.py --config=configs/smollm2_gender.py:smoke
+  python experiments/sweep.py --config=configs/smollm2_gender.py:demo   # get_sweep: f over fkl, rkl, js, tv
 """
 
 from configs import lm_common
@@ -27,3 +28,9 @@ def get_config(arg: str = ""):
         c.target.scorer = "regex"
         c.target.pattern = r"[A-Z]"
     return c
+
+
+def get_sweep(arg: str = ""):
+    """f over fkl, rkl, js, tv."""
+    del arg
+    return lm_common.f_sweep()

@@ -6,6 +6,7 @@ r"""SmolLM2-135M-Instruct, RLHF target a·exp(r/β) with r = VADER compound sent
   python experiments/train.py --config=configs/smollm2_sentiment.py --config.algo=ppo    # PPO-RLHF, value head, GAE
   python experiments/train.py --config=configs/smollm2_sentiment.py --config.algo=fppo --config.f=js
   python experiments/train.py --config=configs/smollm2_sentiment.py:smoke
+  python experiments/sweep.py --config=configs/smollm2_sentiment.py:demo   # get_sweep: f's and PPO-RLHF
 """
 
 from configs import lm_common
@@ -20,3 +21,9 @@ def get_config(arg: str = ""):
     c.algo = "fdpg"  # "fdpg" | "ppo" | "fppo"
     c.workdir = "experiments/results/lm_sentiment"
     return lm_common.apply_variant(c, arg, "smollm2_sentiment")
+
+
+def get_sweep(arg: str = ""):
+    """f over fkl, rkl, js, tv with f-DPG, and PPO-RLHF (trl's recipe: per-token KL penalty, GAE)."""
+    del arg
+    return lm_common.f_sweep(dict(algo="ppo", f="rkl", label="ppo-rlhf"))

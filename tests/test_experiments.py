@@ -71,6 +71,33 @@ def test_sweep_covers_the_comparison():
     assert {s["target"] for s in sweep} == {"pointwise", "rlhf", "distributional"}
 
 
+def test_sweep_entry_point_trains_each_entry_once_and_summarises(tmp_path):
+    def sweep(*flags):
+        return subprocess.run([sys.executable, "experiments/sweep.py", "--config=configs/smollm2_sentiment.py:smoke",
+                               f"--config.workdir={tmp_path}", "--only=js,ppo-rlhf", *flags],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+    out = sweep(f"--prefix={tmp_path / 'cmp'}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = (tmp_path / "cmp.md").read_text()
+    assert "# Sweep of configs/smollm2_sentiment.py:smoke: target=rlhf, 4 steps × batch 4, 1 seed per run" in table
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert [r.split(" | ")[0] for r in rows] == ["| run", "| (start: π = a)", "| js", "| ppo-rlhf"]
+    assert "nan" not in table and "Samples after training, ppo-rlhf (seed 0):" in table
+    assert (tmp_path / "cmp.png").stat().st_size > 10_000
+    runs = json.loads((tmp_path / "cmp.json").read_text())["runs"]
+    assert [(r["label"], [e["step"] for e in r["history"]]) for r in runs] == [("js", [0, 2, 4]), ("ppo-rlhf", [0, 2, 4])]
+    assert sorted(os.listdir(tmp_path / "sweep")) == ["js", "ppo-rlhf"]
+    # The same command again trains nothing; the default summary goes beside the runs.
+    again = sweep()
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("finished earlier") == 2 and "samples before training" not in again.stdout
+    assert (tmp_path / "sweep" / "summary.md").read_text().split("Command:")[1].count("| js |") == 1
+    wrong = subprocess.run([sys.executable, "experiments/sweep.py", "--config=configs/toy.py:smoke"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert wrong.returncode != 0 and "experiments/compare.py" in wrong.stderr
+
+
 def _train_smoke_run(workdir):
     out = subprocess.run(
         [sys.executable, "experiments/train.py", "--config=configs/smollm2_sentiment.py:smoke", "--config.f=js",
