@@ -30,5 +30,5 @@ def get_sweep(arg: str = ""):
     """f over fkl, rkl, js, tv; rkl with b floored at e^-10 (KL(π‖p) is infinite while π
     writes replies without the word)."""
     del arg
-    return [entry if entry["f"] != "rkl" else dict(entry, label="rkl,floor=-10", **{"target.log_b_floor": -10.0})
+    return [entry if entry["f"] != "rkl" else dict(entry, label="rkl-floored", **{"target.log_b_floor": -10.0})
             for entry in lm_common.f_sweep()]

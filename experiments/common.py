@@ -65,6 +65,15 @@ def heap_note(environ=os.environ) -> str:
     return f" C heap: GLIBC_TUNABLES={tunables} (not a default)." if tunables else ""
 
 
+def save_figure(fig, path: str) -> None:
+    """Lays out, writes (90 dpi) and closes a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def write_results(out_dir: str, name: str, report: str, data=None) -> None:
     """Prints a markdown report and writes it to <out_dir>/<name>.md (and `data` to <name>.json)."""
     print(report)

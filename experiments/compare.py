@@ -95,9 +95,7 @@ def write_plot(results, path):
             ax.set_title(f"{target} / {family}: {LABELS[metric]}", fontsize=9)
             ax.set_xlabel("step")
     axes[0, -1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv):

@@ -91,9 +91,7 @@ def write_plot(results: list, path: str) -> None:
         ax.set_title(LABELS[metric], fontsize=9)
         ax.set_xlabel("step")
     axes[-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv):

@@ -114,9 +114,7 @@ def _plot_lm(history, path):
         ax.plot(steps, [h[k] for h in history], marker="o")
         ax.set_title(k)
         ax.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

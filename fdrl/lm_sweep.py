@@ -43,16 +43,16 @@ class Run:
 
 def run_label(overrides: dict) -> str:
     """An entry's name in tables and folders: its "label", else its f where that is all it
-    sets ("js"), else "k=v,..." of its overrides."""
+    sets ("js"), else "k=v k=v" of its overrides (no commas: --only takes a comma list)."""
     if "label" in overrides:
         return str(overrides["label"])
     if set(overrides) == {"f"}:
         return str(overrides["f"])
-    return ",".join(f"{k}={v}" for k, v in overrides.items())
+    return " ".join(f"{k}={v}" for k, v in overrides.items())
 
 
 def _folder_name(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", label) or "_"
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", label) or "_"
 
 
 def _set_field(config, path: str, value) -> None:
@@ -75,6 +75,9 @@ def plan(config, sweep: Sequence[dict], seeds: int = 1, only: Sequence[str] = ()
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"seeds={seeds!r} must be an integer >= 1")
     labels = [run_label(o) for o in sweep]
+    with_commas = [label for label in labels if "," in label]
+    if with_commas:
+        raise ValueError(f"sweep labels {with_commas} hold commas, which --only=a,b splits: rename them")
     if not labels:
         raise ValueError("the sweep is empty: get_sweep() returned no entries")
     repeated = sorted({label for label in labels if labels.count(label) > 1})
@@ -175,18 +178,19 @@ def run(runs: Sequence[Run], log: Callable = print, train_fn: Optional[Callable]
         try:
             out = train_fn(run_config, log=log)
         except (KeyboardInterrupt, SystemExit):
-            log(f"{head}: stopped; the same sweep command continues from where this run saved")
+            log(f"{head}: stopped; the same sweep command continues it (from its last checkpoint, if it saved one)")
             raise
         seconds = float(out["seconds"])
         del out  # the trainer and its state: free them before the next run loads its model
         gc.collect()
         history = eval_history(workdir)
+        if not history:
+            raise RuntimeError(f"the run in {workdir} logged no evaluation to metrics.jsonl")
         result = dict(label=r.label, seed=r.seed, workdir=workdir, seconds=seconds, resumed=bool(steps),
-                      history=history, samples=history[-1].get("samples", []) if history else [])
+                      history=history, samples=history[-1].get("samples", []))
         _write_record(workdir, dict(config=config_json, finished=True, result=result))
-        last = history[-1] if history else {}
-        log(f"{head}: {seconds:.0f}s, " + ", ".join(f"{k} {last[k]:.4g}" for k in ("alignment", "kl_pi_a")
-                                                    if k in last))
+        log(f"{head}: {seconds:.0f}s, " + ", ".join(f"{k} {history[-1][k]:.4g}" for k in ("alignment", "kl_pi_a")
+                                                    if k in history[-1]))
         results.append(result)
     return results
 

@@ -26,8 +26,8 @@ def test_plan_names_folders_applies_overrides_and_seeds(tmp_path):
     config = _config(tmp_path, seed=3)
     sweep = [dict(f="js"), dict(f="rkl", **{"target.beta": 0.5}), dict(algo="ppo", f="rkl", label="ppo rlhf")]
     runs = lm_sweep.plan(config, sweep, seeds=2)
-    assert [(r.label, r.seed) for r in runs] == [("js", 3), ("js", 4), ("f=rkl,target.beta=0.5", 3),
-                                               ("f=rkl,target.beta=0.5", 4), ("ppo rlhf", 3), ("ppo rlhf", 4)]
+    assert [(r.label, r.seed) for r in runs] == [("js", 3), ("js", 4), ("f=rkl target.beta=0.5", 3),
+                                               ("f=rkl target.beta=0.5", 4), ("ppo rlhf", 3), ("ppo rlhf", 4)]
     assert runs[0].config.workdir == os.path.join(str(tmp_path), "sweep", "js", "seed3")
     assert runs[5].config.workdir == os.path.join(str(tmp_path), "sweep", "ppo_rlhf", "seed4")
     assert runs[2].config.target.beta == 0.5 and runs[0].config.target.beta == config.target.beta
@@ -44,6 +44,7 @@ def test_plan_names_folders_applies_overrides_and_seeds(tmp_path):
     ([dict(f="js"), dict(f="js")], {}, "repeated: \\['js'\\]"),
     ([dict(f="js")], dict(only=["fkl"]), "only=\\['fkl'\\] not in the sweep; its labels are \\['js'\\]"),
     ([dict(f="js")], dict(seeds=0), "seeds=0 must be an integer >= 1"),
+    ([dict(f="js", label="js,lr")], {}, "labels \\['js,lr'\\] hold commas"),
     ([], {}, "the sweep is empty"),
     ([dict(f="js", batch_size=3, microbatch_size=2)], {}, "microbatch_size=2 must be 0"),
 ])
