@@ -73,12 +73,9 @@ def main(argv):
     print(f"wrote {path}")
 
 
-LM_TABLE = ("alignment", "kl_p_pi", "kl_pi_p", "js", "tv", "kl_pi_a", "distinct_2", "self_bleu")
-
-
 def lm_main(config):
     """f-DPG on SmolLM2 (or the tiny model): samples before/after, metric table, plot."""
-    from fdrl import train
+    from fdrl import lm_sweep, train
 
     import jax
 
@@ -91,7 +88,7 @@ def lm_main(config):
     print(f"\nf={config.f}, target={config.target.kind}, {int(out['state'].step)} steps × batch {config.batch_size} "
           f"in {out['seconds']:.0f}s; estimates from {config.eval_batch_size} fresh samples of π")
     table = common.markdown_table(["metric", f"step {first['step']}", f"step {last['step']}"],
-                                  [[k, common.fixed(first[k]), common.fixed(last[k])] for k in LM_TABLE])
+                                  [[k, common.fixed(first[k]), common.fixed(last[k])] for k in lm_sweep.METRICS])
     print(table)
     with open(os.path.join(config.workdir, "summary.md"), "w") as f:
         f.write(f"f={config.f}, target={config.target.kind}, {int(out['state'].step)} steps × batch "

@@ -28,7 +28,8 @@ import numpy as np
 from fdrl import checkpoint, lm_task
 
 RUN_FILE = "sweep_run.json"
-# The metrics a comparison reports, as Trainer.evaluate names them.
+# The metrics a run's or a sweep's table reports (experiments/train.py, sweep.py), as
+# Trainer.evaluate names them.
 METRICS = ("alignment", "kl_p_pi", "kl_pi_p", "js", "tv", "kl_pi_a", "distinct_2", "self_bleu")
 # Config fields that change how a run is launched, not what it computes.
 _LAUNCH_FIELDS = ("resume", "progress_bar", "save_on_signal")
