@@ -79,17 +79,21 @@ def _fake_train(calls, steps_logged=(0, 2)):
     return train
 
 
-def test_run_reads_finished_runs_back_and_refuses_another_config(tmp_path):
+def test_run_reads_finished_runs_back_and_refuses_another_config(tmp_path, monkeypatch):
     config = _config(tmp_path, seed=3)
     runs = lm_sweep.plan(config, [dict(f="js"), dict(f="fkl")], seeds=2)
-    calls = []
+    calls, clears = [], []
+    # After each trained run its compiled programs go (a sweep's peak grew run by run).
+    monkeypatch.setattr(lm_sweep.jax, "clear_caches", lambda: clears.append(len(calls)))
     results = lm_sweep.run(runs, log=lambda *a: None, train_fn=_fake_train(calls))
     assert [c[1:] for c in calls] == [("js", False)] * 2 + [("fkl", False)] * 2
+    assert clears == [1, 2, 3, 4]
     assert [r["history"][-1]["alignment"] for r in results] == [3.0, 4.0, 3.5, 4.5]
     assert results[0]["samples"] == ["s2"] and results[0]["seconds"] == 7.0 and not results[0]["resumed"]
 
     again = lm_sweep.run(runs, log=lambda *a: None, train_fn=_fake_train(calls))
     assert len(calls) == 4 and again == results  # nothing trained twice
+    assert clears == [1, 2, 3, 4]  # nor cleared after a run read back
 
     summary = lm_sweep.summarise(results)
     assert summary["runs"]["js"]["alignment"] == (3.5, 0.5) and summary["runs"]["fkl"]["kl_pi_a"] == (4.0, 0.5)
