@@ -72,8 +72,13 @@ def test_microbatched_update_is_the_whole_batch_update(overrides, tmp_path):
     assert norm > 0 and len(whole_grads) == len(jax.tree.leaves(state.params))
     for a, b in zip(whole_grads, micro_grads):
         assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(a) + 1e-7 * norm
+    # The loss, −mean(sg(w·A)·log π) with A summing to ~0, is a small number made of terms the
+    # size of log π (~−87 nats a row here): its float32 round-off scales with |log π|, not with
+    # the loss (tempered, on an AMD Zen 3 host: 1.3e-5 apart at a loss of −0.105).
+    policy_logp = lm_step.sequence_logp(trainer.task.graphdef, state.params, *batch[:4])
+    loss_scale = float(np.mean(np.abs(np.asarray(policy_logp))))
     for k, v in whole.items():
-        assert micro[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
+        assert micro[k] == pytest.approx(v, rel=1e-4, abs=max(1e-5, 1e-6 * loss_scale if k == "loss" else 0)), k
     if config.proposal == "offpolicy":
         assert whole["importance_weight_max"] != 1.0
     for a, b in zip(jax.tree.leaves((whole_state.log_z, whole_state.baseline, whole_state.key, whole_state.step)),
