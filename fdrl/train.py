@@ -26,6 +26,7 @@ import contextlib
 import functools
 import json
 import os
+import sys
 import time
 from typing import Optional, Sequence
 
@@ -292,6 +293,26 @@ def restore_run(trainer: "Trainer", manager=None, step: Optional[int] = None,
 
 # --- the loop ---------------------------------------------------------------------
 
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, or None where tensorboardX is missing (TensorBoard is
+    optional; the JSONL log always works). tensorboardX imports torch wherever it is installed,
+    only to accept torch tensors (fdrl logs floats), and torch's libraries then stayed resident
+    for the whole run: the demo's settings peaked at 3.13 GB with torch in the environment (as
+    `make bench` leaves it) against 2.94 GB without. Unless the process holds torch already,
+    tensorboardX is imported with torch hidden."""
+    hide_torch = "torch" not in sys.modules
+    if hide_torch:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, as where it is not installed
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return None
+    finally:
+        if hide_torch:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class _Writers:
     """metrics.jsonl and TensorBoard event files in the workdir."""
 
@@ -299,11 +320,8 @@ class _Writers:
         os.makedirs(workdir, exist_ok=True)
         # A resumed run continues its log; a fresh run starts a new one.
         self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a" if append else "w")
-        try:
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
-        except ImportError:  # TensorBoard is optional; JSONL always works
-            self._tb = None
+        summary_writer = _summary_writer_class()
+        self._tb = None if summary_writer is None else summary_writer(os.path.join(workdir, "tb"))
 
     def write(self, step: int, kind: str, values: dict, samples: Optional[list] = None):
         record = dict(step=step, kind=kind, **values)

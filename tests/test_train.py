@@ -35,6 +35,29 @@ def test_smoke_configs_train_and_log(module, tmp_path):
         assert json.load(open(tmp_path / "target.json"))["lam"]
 
 
+def test_tensorboard_writer_leaves_torch_unimported(tmp_path):
+    """tensorboardX imports torch where it is installed, and torch's libraries stayed resident
+    for the whole run (~0.2 GB). A stand-in torch package on the path of a fresh interpreter
+    records whether anything imported it; the writer still writes its events."""
+    import subprocess
+    import sys
+
+    fake = tmp_path / "site" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("import os\nopen(os.environ['TORCH_MARK'], 'w').close()\nTensor = object\n")
+    mark, logdir = tmp_path / "torch_imported", tmp_path / "run"
+    code = ("import sys; from fdrl import train; w = train._Writers(sys.argv[1], append=False); "
+            "w.write(0, 'eval', {'js': 0.5}, ['a sample']); w.close(); print('torch' in sys.modules)")
+    env = dict(os.environ, TORCH_MARK=str(mark),
+               PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", code, str(logdir)], env=env, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False" and not mark.exists()
+    assert any(p.name.startswith("events") for p in (logdir / "tb").iterdir())
+    assert json.loads(open(logdir / "metrics.jsonl").readline())["js"] == 0.5
+
+
 # The warm-up's case restores everything the constant one does, and the step count besides:
 # the constant schedule runs with the slow tests. The first stops at steps=2; the warm-up's by
 # Ctrl-C (a SIGINT) after step 3, which is not a checkpoint step: the run saves it as it stops.
