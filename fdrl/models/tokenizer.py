@@ -37,15 +37,16 @@ class Tokenizer:
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
 
     @classmethod
-    def from_gguf(cls, reader) -> "Tokenizer":
-        f = reader.fields
+    def from_gguf(cls, file) -> "Tokenizer":
+        """From a GGUF file's metadata (fdrl.models.gguf_file.GGUFFile)."""
+        meta = file.metadata
         return cls(
-            tokens=f["tokenizer.ggml.tokens"].contents(),
-            merges=f["tokenizer.ggml.merges"].contents(),
-            token_types=f["tokenizer.ggml.token_type"].contents(),
-            bos_id=int(f["tokenizer.ggml.bos_token_id"].contents()),
-            eos_id=int(f["tokenizer.ggml.eos_token_id"].contents()),
-            pad_id=int(f["tokenizer.ggml.padding_token_id"].contents()),
+            tokens=meta["tokenizer.ggml.tokens"],
+            merges=meta["tokenizer.ggml.merges"],
+            token_types=meta["tokenizer.ggml.token_type"],
+            bos_id=int(meta["tokenizer.ggml.bos_token_id"]),
+            eos_id=int(meta["tokenizer.ggml.eos_token_id"]),
+            pad_id=int(meta["tokenizer.ggml.padding_token_id"]),
         )
 
     def encode(self, text: str) -> list[int]:
