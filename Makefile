@@ -1,6 +1,6 @@
 # Two commands on a fresh machine (Python 3.11 and the package registries):
 #   make demo   install, then a short f-DPG (js) run of SmolLM2-135M on CPU (~5–10 min)
-#   make test   install with test extras, then run the default test suite (~10 min on 2 cores)
+#   make test   install with test extras, then run the default test suite (~9 min on 2 cores)
 # Also: make compare (the exact toy RLHF-vs-GDC comparison, ~5 min), make test-slow, make bench,
 # make test-gpu (the default tests on an NVIDIA GPU, after pip install -U "jax[cuda13]" in the venv).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
