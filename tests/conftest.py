@@ -22,7 +22,7 @@ elif "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     # XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=3".
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from repo import ROOT  # noqa: E402
 for path in (ROOT, os.path.join(ROOT, "experiments")):
     if path not in sys.path:
         sys.path.insert(0, path)

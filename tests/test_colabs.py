@@ -6,7 +6,8 @@ import re
 import nbformat
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from repo import ROOT
+
 COLABS = os.path.join(ROOT, "colabs")
 
 

@@ -11,8 +11,7 @@ import pytest
 
 import compare
 from configs import toy as toy_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from repo import ROOT
 
 
 def test_train_entry_point(tmp_path):

@@ -19,8 +19,8 @@ from ml_collections import config_flags
 
 from fdrl import toy_train
 from fdrl import train as lm_train
+from repo import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
 ABSL_FLAGS = {"verbosity", "v", "logtostderr", "alsologtostderr", "help", "helpfull", "helpshort"}
 

@@ -13,6 +13,7 @@ import pytest
 from configs import smollm2_gender, smollm2_sentiment, smollm2_word
 from fdrl import checkpoint, train
 from lm_smoke import smoke
+from repo import ROOT
 
 
 # sentiment's smoke run is also trained, evaluated and resumed by test_resume_continues_exactly
@@ -51,7 +52,7 @@ def test_tensorboard_writer_leaves_torch_unimported(tmp_path):
     env = dict(os.environ, TORCH_MARK=str(mark),
                PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", code, str(logdir)], env=env, capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                         cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False" and not mark.exists()
     assert any(p.name.startswith("events") for p in (logdir / "tb").iterdir())
