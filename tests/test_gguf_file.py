@@ -85,10 +85,18 @@ def test_bad_files_are_named(tmp_path):
     not_gguf.write_bytes(b"PK\x03\x04" + bytes(64))
     with pytest.raises(ValueError, match=r"weights.bin is not a GGUF file: it starts with b'PK"):
         gguf_file.read_gguf(str(not_gguf))
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.gguf is not a GGUF file: it starts with b''"):
+        gguf_file.read_gguf(str(empty))
     whole = _write(tmp_path / "m.gguf").read_bytes()
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(whole[:200])  # inside the metadata
     with pytest.raises(ValueError, match="cut.gguf.*(ends inside its GGUF header|runs past the end)"):
+        gguf_file.read_gguf(str(cut))
+    at = whole.index(b"token_types") + len(b"token_types") + 12 + 8  # inside the array of 5 numbers
+    cut.write_bytes(whole[:at])
+    with pytest.raises(ValueError, match="cut.gguf: an array of 5 numbers at offset .* runs past the end"):
         gguf_file.read_gguf(str(cut))
     cut.write_bytes(whole[:-8])  # inside the last tensor's data
     with pytest.raises(ValueError, match="cut.gguf: tensor 'vector' runs past the end of the file"):

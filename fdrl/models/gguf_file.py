@@ -63,7 +63,7 @@ class _Cursor:
         n = self.unpack("<Q")
         if self.pos + n > len(self.buf):
             raise ValueError(f"{self.path}: a string of {n} bytes at offset {self.pos} runs past the end of the file")
-        s = self.buf[self.pos:self.pos + n].decode("utf-8", errors="replace")
+        s = self.buf[self.pos:self.pos + n].decode("utf-8")
         self.pos += n
         return s
 
@@ -76,6 +76,9 @@ class _Cursor:
             item_type, count = self.unpack("<IQ")
             if item_type in _SCALARS:  # numbers in one read
                 dtype = np.dtype(_SCALARS[item_type])
+                if self.pos + count * dtype.itemsize > len(self.buf):
+                    raise ValueError(f"{self.path}: an array of {count} numbers at offset {self.pos} runs past the "
+                                     "end of the file")
                 items = np.frombuffer(self.buf, dtype, count, self.pos).tolist()
                 self.pos += count * dtype.itemsize
                 return items
@@ -92,10 +95,11 @@ def read_gguf(path: str) -> GGUFFile:
         raise ImportError("reading GGUF needs the `gguf` package: pip install gguf") from e
 
     with open(path, "rb") as f:
+        head = f.read(4)
+        if head != MAGIC:
+            raise ValueError(f"{path} is not a GGUF file: it starts with {head!r}, not {MAGIC!r}")
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     cur = _Cursor(buf, path)
-    if bytes(buf[:4]) != MAGIC:
-        raise ValueError(f"{path} is not a GGUF file: it starts with {bytes(buf[:4])!r}, not {MAGIC!r}")
     cur.pos = 4
     version = cur.unpack("<I")
     if version not in VERSIONS:
