@@ -1,4 +1,4 @@
-"""Fakes 8 CPU devices before JAX is imported (sharding tests need a mesh)."""
+"""Fakes 8 CPU devices before JAX is imported (sharding tests need a mesh), and sets how the tests compile."""
 
 import os
 import sys
@@ -15,8 +15,8 @@ if os.environ["JAX_PLATFORMS"].split(",")[0] != "cpu":
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # several pytest workers share the GPU
 elif "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     # The tests' tiny programs are compile-bound (XLA's backend compile was 59% of test_train.py's
-    # time), and LLVM without optimisation compiles them faster than their code then runs slower:
-    # `make test` in 8:50 against 12:24, `make test-slow` 6:01 against 7:31 (2-core AMD Zen 3 host).
+    # time), and LLVM without optimisation saves more in compiling than its code loses in running:
+    # the default run in 8:50 against 12:24, the slow tests in 6:01 against 7:31 (2-core AMD Zen 3 host).
     # It changes only LLVM's code generation: XLA's HLO passes, fusions and buffer plans, and the
     # library calls that do the products, stay as they are. To test at XLA's default level, set
     # XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=3".
