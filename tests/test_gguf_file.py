@@ -53,22 +53,29 @@ def _write(path, alignment=None, endianess=gguf.GGUFEndian.LITTLE):
     return path
 
 
+def _read_both(path):
+    """(ours, the gguf package's metadata values) for the file at `path`, after checking that
+    both readers give the same tensors: names and order, types, shapes, data layout and bytes."""
+    ours, theirs = gguf_file.read_gguf(str(path)), gguf.GGUFReader(str(path))
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for mine, ref in zip(ours.tensors, theirs.tensors):
+        assert mine.tensor_type == ref.tensor_type and mine.shape == tuple(reversed(ref.shape.tolist())), mine.name
+        assert mine.data.dtype == ref.data.dtype and mine.data.shape == ref.data.shape, mine.name
+        np.testing.assert_array_equal(mine.data, ref.data)
+    return ours, {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+
+
 @pytest.mark.parametrize("alignment", [None, 64])
 def test_reads_what_the_gguf_package_reads(tmp_path, alignment):
-    path = _write(tmp_path / "m.gguf", alignment)
-    ours, theirs = gguf_file.read_gguf(str(path)), gguf.GGUFReader(str(path))
-    expected = {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    ours, expected = _read_both(_write(tmp_path / "m.gguf", alignment))
     # The package's contents() flattens an array of arrays ([1, 2, 3]); ours keeps what was written.
     assert expected.pop("nested") == [1, 2, 3] and ours.metadata.pop("nested") == [[1, 2], [3]]
     assert ours.metadata == expected and ours.version == 3
     assert {k: type(v) for k, v in ours.metadata.items()} == {k: type(v) for k, v in expected.items()}
     assert ours.metadata["text"] == "naïve café 🙂" and ours.metadata["u64"] == 2**63 + 5
     assert ours.metadata["flags"] == [True, False, True] and ours.metadata["general.architecture"] == "llama"
-    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors] == list(_TENSORS)
-    for mine, ref in zip(ours.tensors, theirs.tensors):
-        assert mine.tensor_type == ref.tensor_type and mine.shape == tuple(reversed(ref.shape.tolist()))
-        assert mine.data.dtype == ref.data.dtype and mine.data.shape == ref.data.shape, mine.name
-        np.testing.assert_array_equal(mine.data, ref.data)
+    assert [t.name for t in ours.tensors] == list(_TENSORS)
+    for mine in ours.tensors:
         values, kind = _TENSORS[mine.name]
         assert mine.shape == values.shape
         if kind == gguf.GGMLQuantizationType.F32:
@@ -78,6 +85,15 @@ def test_reads_what_the_gguf_package_reads(tmp_path, alignment):
         else:
             exact = gguf.dequantize(gguf.quants.quantize(values, kind), kind)
         np.testing.assert_array_equal(np.asarray(gguf.dequantize(mine.data, kind)).reshape(values.shape), exact)
+
+
+@pytest.mark.slow
+def test_smollm2_file_reads_as_the_gguf_package_reads_it():
+    from fdrl.models import gguf_loader
+
+    ours, expected = _read_both(gguf_loader.find_smollm2_gguf())
+    assert ours.metadata == expected
+    assert len(ours.metadata["tokenizer.ggml.merges"]) > 40_000
 
 
 def test_bad_files_are_named(tmp_path):
