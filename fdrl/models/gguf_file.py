@@ -48,8 +48,8 @@ class GGUFFile:
 
 
 class _Cursor:
-    def __init__(self, buf, path):
-        self.buf, self.path, self.pos = buf, path, 0
+    def __init__(self, buf, path, pos: int):
+        self.buf, self.path, self.pos = buf, path, pos
 
     def unpack(self, fmt: str):
         try:
@@ -99,8 +99,7 @@ def read_gguf(path: str) -> GGUFFile:
         if head != MAGIC:
             raise ValueError(f"{path} is not a GGUF file: it starts with {head!r}, not {MAGIC!r}")
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    cur = _Cursor(buf, path)
-    cur.pos = 4
+    cur = _Cursor(buf, path, pos=len(MAGIC))
     version = cur.unpack("<I")
     if version not in VERSIONS:
         swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
